@@ -1,0 +1,41 @@
+"""Where things live in the workspace, shared by every stage.
+
+images/<category>/...          the photos (gather writes here, users may too)
+datasets/<name>/               arrays made by preprocessing (one folder per data + options)
+runs/<timestamp>-<model>/      one training run; runs/latest points at the newest
+keras/                         KERAS_HOME inside the container, so downloaded weights survive
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_WORKSPACE = "workspace"
+
+
+def default_workspace() -> Path:
+    """`$WORKSPACE` when set, else `./workspace`."""
+    return Path(os.environ.get("WORKSPACE") or DEFAULT_WORKSPACE)
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def datasets(self) -> Path:
+        return self.root / "datasets"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def latest_run(self) -> Path:
+        return self.runs / "latest"
