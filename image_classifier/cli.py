@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .config import Workspace, default_workspace
 from .errors import UserError
+from .splits import parse_fractions
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -19,9 +20,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def make_parser(description: str) -> ArgumentParser:
-    parser = ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument(
         "--workspace",
         type=Path,
@@ -74,6 +73,33 @@ def non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
+def fractions_arg(text: str) -> tuple[float, float, float]:
+    try:
+        return parse_fractions(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def probability_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 up to (not including) 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {value}")
     return value
 
 

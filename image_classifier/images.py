@@ -93,7 +93,9 @@ def open_image(source: Path | bytes | BinaryIO, draft_size: int | None = None) -
         try:
             image = Image.open(source)
         except Image.DecompressionBombError:
-            raise ImageError(f"too many pixels (over {MAX_PIXELS:,}): refused as a possible decompression bomb") from None
+            raise ImageError(
+                f"too many pixels (over {MAX_PIXELS:,}): refused as a possible decompression bomb"
+            ) from None
         except Image.UnidentifiedImageError:
             raise ImageError("not an image: unrecognised file format") from None
         except OSError as error:
@@ -129,9 +131,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         scale = 255.0 / 65535.0 if top > 255 else 1.0
         gray = np.clip(values * scale + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(gray, "L").convert("RGB")
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        mode == "P" and "transparency" in image.info
-    )
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info)
     if has_alpha:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

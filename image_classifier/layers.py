@@ -1,0 +1,43 @@
+"""Custom layers saved inside model.keras, so a loaded model needs no preprocessing code by hand."""
+
+from __future__ import annotations
+
+from .tf_env import import_keras
+
+keras = import_keras()
+ops = keras.ops
+
+IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)
+IMAGENET_STD_RGB = (58.395, 57.12, 57.375)
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+MODES = ("unit", "tf", "torch", "caffe", "none")
+
+
+@keras.saving.register_keras_serializable(package="image_classifier")
+class InputPreprocessing(keras.layers.Layer):
+    """RGB pixels in 0..255 to what a network expects, named by keras.applications' modes.
+
+    unit: 0..1 (models trained from scratch); tf: -1..1; torch: ImageNet mean/std;
+    caffe: BGR minus ImageNet mean; none: the backbone normalizes by itself.
+    """
+
+    def __init__(self, mode: str, **kwargs):
+        super().__init__(**kwargs)
+        if mode not in MODES:
+            raise ValueError(f"unknown preprocessing mode {mode!r}")
+        self.mode = mode
+
+    def call(self, inputs):
+        x = ops.cast(inputs, "float32")
+        if self.mode == "unit":
+            return x / 255.0
+        if self.mode == "tf":
+            return x / 127.5 - 1.0
+        if self.mode == "torch":
+            return (x - ops.array(IMAGENET_MEAN_RGB)) / ops.array(IMAGENET_STD_RGB)
+        if self.mode == "caffe":
+            return ops.flip(x, axis=-1) - ops.array(CAFFE_MEAN_BGR)
+        return x
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}

@@ -1,0 +1,280 @@
+"""The model registry: a name -> how to build it, its input preprocessing and its sensible defaults.
+
+Looking up a name needs no TensorFlow, so bad options fail in a fraction of a second; building does.
+Every built model takes RGB images of any size with values 0..255 and resizes them itself, so the saved
+`model.keras` can be used on a new photo without repeating the preprocessing by hand.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str
+    """'mlp' and 'cnn' learn from scratch; 'backbone' is a pretrained keras.applications network."""
+    default_image_size: int
+    preprocessing: str
+    """A mode of layers.InputPreprocessing."""
+    application: str | None = None
+    """The keras.applications constructor, for backbones."""
+    min_image_size: int = 32
+    dense_units: tuple[int, ...] = ()
+    dropout: float = 0.2
+    epochs: int = 20
+    learning_rate: float = 1e-3
+    fine_tune_layers: int = 0
+    fine_tune_epochs: int = 0
+    notes: str = field(default="", compare=False)
+
+    @property
+    def pretrained(self) -> bool:
+        return self.family == "backbone"
+
+
+def _backbone(
+    name: str, application: str, preprocessing: str, size: int = 224, min_size: int = 32
+) -> ModelSpec:
+    return ModelSpec(
+        name=name,
+        family="backbone",
+        application=application,
+        preprocessing=preprocessing,
+        default_image_size=size,
+        min_image_size=min_size,
+        fine_tune_layers=30,
+        fine_tune_epochs=0,
+    )
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        ModelSpec(
+            name="mlp",
+            family="mlp",
+            preprocessing="unit",
+            default_image_size=64,
+            dense_units=(512, 256),
+            dropout=0.3,
+            epochs=30,
+            notes="dense layers on the flattened pixels, as in the classic tutorial",
+        ),
+        ModelSpec(
+            name="cnn",
+            family="cnn",
+            preprocessing="unit",
+            default_image_size=150,
+            dense_units=(512,),
+            dropout=0.5,
+            epochs=30,
+            notes="a small Conv2D/MaxPooling network from scratch (Chollet, ch. 5)",
+        ),
+        _backbone("mobilenet_v2", "MobileNetV2", "tf"),
+        _backbone("mobilenet_v3_small", "MobileNetV3Small", "none"),
+        _backbone("mobilenet_v3_large", "MobileNetV3Large", "none"),
+        *(
+            _backbone(f"efficientnet_b{i}", f"EfficientNetB{i}", "none", size)
+            for i, size in enumerate((224, 240, 260, 300, 380, 456, 528, 600))
+        ),
+        *(
+            _backbone(f"efficientnet_v2_{v.lower()}", f"EfficientNetV2{v}", "none", size)
+            for v, size in (("B0", 224), ("B1", 240), ("B2", 260), ("B3", 300), ("S", 384))
+        ),
+        _backbone("resnet50", "ResNet50", "caffe"),
+        _backbone("resnet50_v2", "ResNet50V2", "tf"),
+        _backbone("vgg16", "VGG16", "caffe"),
+        _backbone("vgg19", "VGG19", "caffe"),
+        _backbone("inception_v3", "InceptionV3", "tf", 299, 75),
+        _backbone("inception_resnet_v2", "InceptionResNetV2", "tf", 299, 75),
+        _backbone("xception", "Xception", "tf", 299, 71),
+        _backbone("densenet121", "DenseNet121", "torch"),
+        _backbone("convnext_tiny", "ConvNeXtTiny", "none"),
+    ]
+}
+DEFAULT_MODEL = "mobilenet_v2"
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(REGISTRY)}") from None
+
+
+def check_image_size(spec: ModelSpec, image_size: int) -> None:
+    if image_size < spec.min_image_size:
+        raise UserError(
+            f"{spec.name} cannot take {image_size}x{image_size} images; use --image-size "
+            f"{spec.min_image_size} or more (its native size is {spec.default_image_size})"
+        )
+
+
+def check_weights(spec: ModelSpec, weights: str) -> None:
+    """Reject weights that cannot apply before any work is done."""
+    if weights == "imagenet" and not spec.pretrained:
+        raise UserError(
+            f"{spec.name} learns from scratch, there are no ImageNet weights for it; "
+            "use --weights none, or a pretrained --model such as mobilenet_v2"
+        )
+    if weights not in ("imagenet", "none"):
+        path = Path(weights)
+        if not path.is_file():
+            raise UserError(
+                f"weights file {path} does not exist; give the path of a Keras .h5 / .weights.h5 file, "
+                "or use --weights imagenet (downloads once) or --weights none"
+            )
+
+
+@dataclass
+class BuiltModel:
+    """The full model and, for backbones, the parts the training phases use separately."""
+
+    model: object
+    spec: ModelSpec
+    backbone: object | None = None
+    features: object | None = None
+    """image -> pooled backbone features (the part whose output can be cached)."""
+    head: object | None = None
+    """pooled features -> class probabilities (the part trained on cached features)."""
+
+
+def _regularizer(keras, l2: float):
+    return keras.regularizers.L2(l2) if l2 > 0 else None
+
+
+def build_head(keras, feature_dim: int, num_classes: int, dense_units, dropout: float, l2: float):
+    """Dropout -> [Dense -> Dropout]* -> softmax, as its own small model."""
+    inputs = keras.Input((feature_dim,), name="features")
+    x = keras.layers.Dropout(dropout, name="head_dropout")(inputs) if dropout > 0 else inputs
+    for i, units in enumerate(dense_units, start=1):
+        x = keras.layers.Dense(
+            units, activation="relu", kernel_regularizer=_regularizer(keras, l2), name=f"dense_{i}"
+        )(x)
+        if dropout > 0:
+            x = keras.layers.Dropout(dropout, name=f"dropout_{i}")(x)
+    outputs = keras.layers.Dense(
+        num_classes, activation="softmax", kernel_regularizer=_regularizer(keras, l2), name="predictions"
+    )(x)
+    return keras.Model(inputs, outputs, name="head")
+
+
+def _resized_input(keras, image_size: int, resize: str):
+    """Any-size RGB input, resized the way preprocessing resized the training images."""
+    from .layers import InputPreprocessing  # noqa: F401  (registers the layer)
+
+    inputs = keras.Input((None, None, 3), name="image")
+    resized = keras.layers.Resizing(
+        image_size,
+        image_size,
+        crop_to_aspect_ratio=resize == "crop",
+        pad_to_aspect_ratio=resize == "pad",
+        antialias=True,
+        name="resize",
+    )(inputs)
+    return inputs, resized
+
+
+def _load_backbone(keras, spec: ModelSpec, image_size: int, weights: str):
+    from .tf_env import keras_home
+
+    constructor = getattr(keras.applications, spec.application)
+    source = {"imagenet": "imagenet", "none": None}.get(weights, weights)
+    try:
+        return constructor(include_top=False, weights=source, input_shape=(image_size, image_size, 3))
+    except Exception as error:
+        message = str(error)
+        url = re.search(r"https?://\S+?\.h5", message)
+        if weights == "imagenet" and (url or "fetch" in message.lower() or isinstance(error, OSError)):
+            file = url.group(0).rsplit("/", 1)[-1] if url else f"the {spec.application} no-top weights file"
+            cache = Path(keras_home()) / "models"
+            raise UserError(
+                f"could not get ImageNet weights for {spec.name}: {file} is not in {cache} and downloading it "
+                f"failed ({message.splitlines()[0][:160]}); connect to the internet once, or download "
+                f"{file} elsewhere and copy it into {cache}, or pass it with --weights PATH"
+            ) from None
+        if weights not in ("imagenet", "none"):
+            raise UserError(
+                f"could not load weights file {weights} into {spec.name}: {message.splitlines()[0][:200]}; "
+                f"it must be Keras weights for {spec.application} without its top (include_top=False)"
+            ) from None
+        raise
+
+
+def build_model(
+    spec: ModelSpec,
+    num_classes: int,
+    image_size: int,
+    *,
+    resize: str = "crop",
+    weights: str = "none",
+    dropout: float | None = None,
+    dense_units=None,
+    l2: float = 0.0,
+) -> BuiltModel:
+    """Build the network for `spec`; backbones come frozen, ready for the first training phase."""
+    from .layers import InputPreprocessing
+    from .tf_env import import_keras
+
+    keras = import_keras()
+    check_image_size(spec, image_size)
+    dropout = spec.dropout if dropout is None else dropout
+    dense_units = spec.dense_units if dense_units is None else tuple(dense_units)
+    inputs, x = _resized_input(keras, image_size, resize)
+    x = InputPreprocessing(spec.preprocessing, name="preprocessing")(x)
+
+    if spec.family == "backbone":
+        backbone = _load_backbone(keras, spec, image_size, weights)
+        backbone.trainable = False
+        pooled = keras.layers.GlobalAveragePooling2D(name="pool")(backbone(x))
+        features = keras.Model(inputs, pooled, name="features")
+        head = build_head(keras, pooled.shape[-1], num_classes, dense_units, dropout, l2)
+        model = keras.Model(inputs, head(pooled), name=spec.name)
+        return BuiltModel(model=model, spec=spec, backbone=backbone, features=features, head=head)
+
+    if spec.family == "cnn":
+        for i, filters in enumerate((32, 64, 128, 128), start=1):
+            x = keras.layers.Conv2D(
+                filters, 3, activation="relu", kernel_regularizer=_regularizer(keras, l2), name=f"conv_{i}"
+            )(x)
+            x = keras.layers.MaxPooling2D(2, name=f"pool_{i}")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    head = build_head(keras, x.shape[-1], num_classes, dense_units, dropout, l2)
+    model = keras.Model(inputs, head(x), name=spec.name)
+    if weights not in ("imagenet", "none"):
+        try:
+            model.load_weights(weights)
+        except Exception as error:
+            raise UserError(
+                f"could not load weights file {weights} into {spec.name}: {str(error).splitlines()[0][:200]}; "
+                "it must come from the same --model, --image-size, --dense-units and categories"
+            ) from None
+    return BuiltModel(model=model, spec=spec, head=head)
+
+
+def unfreeze_top(built: BuiltModel, layers: int) -> int:
+    """Make the top `layers` backbone layers trainable, BatchNorm excepted; returns how many were."""
+    from .tf_env import import_keras
+
+    keras = import_keras()
+    backbone = built.backbone
+    backbone.trainable = True
+    cut = max(0, len(backbone.layers) - layers)
+    for index, layer in enumerate(backbone.layers):
+        # A frozen BatchNormalization layer runs in inference mode: its ImageNet statistics stay intact.
+        layer.trainable = index >= cut and not isinstance(layer, keras.layers.BatchNormalization)
+    return sum(1 for layer in backbone.layers if layer.trainable and layer.weights)
+
+
+def load_model(path: Path):
+    """Load a saved model.keras (the project's custom layers registered first)."""
+    from . import layers  # noqa: F401
+    from .tf_env import import_keras
+
+    return import_keras().models.load_model(path)

@@ -1,0 +1,82 @@
+"""Run folders: create them, write into them atomically, and find them again.
+
+runs/<YYYYmmdd-HHMMSS>-<model>/
+    model.keras  labels.json  config.json  metrics.json  confusion_matrix.png
+    history.pickle  history.json  training_log.csv  test_predictions.csv  logs/ (TensorBoard)
+runs/latest -> the newest run
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+import time
+from pathlib import Path
+
+from .config import Workspace
+from .errors import UserError
+
+
+def create_run(workspace: Workspace, model_name: str) -> Path:
+    """A new, empty run folder; never reuses an existing one."""
+    workspace.runs.mkdir(parents=True, exist_ok=True)
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{model_name}"
+    for attempt in range(1, 1000):
+        path = workspace.runs / (stem if attempt == 1 else f"{stem}-{attempt}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise UserError(f"could not create a new run folder in {workspace.runs}")
+
+
+def mark_latest(workspace: Workspace, run: Path) -> None:
+    """Point runs/latest at `run` (a relative symlink, replaced atomically)."""
+    link = workspace.latest_run
+    temporary = link.with_name(f".latest-{os.getpid()}")
+    if temporary.is_symlink() or temporary.exists():
+        temporary.unlink()
+    temporary.symlink_to(run.name)
+    os.replace(temporary, link)
+
+
+def resolve_run(workspace: Workspace, name: str | Path = "latest") -> Path:
+    """`latest`, a run folder name, or a path -> the run folder; a clear error when there is none."""
+    candidates = [Path(name), workspace.runs / str(name)]
+    for candidate in candidates:
+        if (candidate / "model.keras").is_file():
+            return candidate.resolve()
+    if str(name) == "latest":
+        raise UserError(
+            f"no training run in {workspace.runs} yet; train one with scripts/machine_learning.py"
+        )
+    raise UserError(f"no run folder {name} (looked for model.keras in {' and '.join(map(str, candidates))})")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write via a temporary file in the same folder and rename, so readers never see half a file."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, value) -> None:
+    write_atomic(path, (json.dumps(value, indent=1, ensure_ascii=False, default=str) + "\n").encode("utf-8"))
+
+
+def write_pickle(path: Path, value) -> None:
+    write_atomic(path, pickle.dumps(value))
+
+
+def save_model_atomic(model, path: Path) -> None:
+    temporary = path.with_name(f".{path.stem}.partial.keras")
+    model.save(temporary)
+    os.replace(temporary, path)

@@ -1,0 +1,170 @@
+"""Train an image classifier on workspace/images/<category>/ and save everything in a run folder.
+
+python scripts/machine_learning.py --categories cat,dog,horse
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from image_classifier import cli
+from image_classifier.images import RESIZE_MODES
+from image_classifier.models import DEFAULT_MODEL, REGISTRY
+from image_classifier.train import OPTIMIZERS, TrainConfig, train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.make_parser(__doc__.strip().splitlines()[0])
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--categories", type=cli.categories_arg, required=True, help="2 or more, like cat,dog,horse"
+    )
+    data.add_argument(
+        "--images-dir",
+        type=Path,
+        help="one subfolder of photos per category; with train/, validation/ and test/ subfolders those splits "
+        "are used as given (default: WORKSPACE/images)",
+    )
+    data.add_argument(
+        "--image-size",
+        type=cli.positive_int,
+        help="side in pixels (default: the model's own, 224 for mobilenet_v2, 64 for mlp, 150 for cnn)",
+    )
+    data.add_argument(
+        "--resize",
+        choices=RESIZE_MODES,
+        default="crop",
+        help="fit photos to a square: centre crop, squash, or pad with black",
+    )
+    data.add_argument(
+        "--split",
+        type=cli.fractions_arg,
+        default=(0.8, 0.1, 0.1),
+        metavar="TRAIN,VAL,TEST",
+        help="shares for train, validation and test, stratified per category",
+    )
+    data.add_argument(
+        "--dedupe",
+        choices=("exact", "near"),
+        default="exact",
+        help="identical files are always kept once; 'near' also drops look-alikes",
+    )
+    data.add_argument(
+        "--workers",
+        type=cli.non_negative_int,
+        default=0,
+        help="processes decoding images (0: one per CPU core)",
+    )
+
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model",
+        choices=list(REGISTRY),
+        default=DEFAULT_MODEL,
+        metavar="NAME",
+        help=f"mlp, cnn, or a pretrained backbone: {', '.join(list(REGISTRY)[2:])}",
+    )
+    model.add_argument(
+        "--weights",
+        help="imagenet (downloads once into KERAS_HOME), none, or a PATH to a Keras "
+        ".h5 weights file (default: imagenet for backbones, none for mlp and cnn)",
+    )
+    model.add_argument(
+        "--dense-units",
+        type=cli.int_list_arg,
+        metavar="N,N",
+        help="hidden dense layers of the head, like 1024,512; '' for none "
+        "(default: none for backbones, 512,256 for mlp, 512 for cnn)",
+    )
+    model.add_argument(
+        "--dropout",
+        type=cli.probability_arg,
+        help="dropout rate in the head (default: 0.2 for backbones, 0.3 for mlp, 0.5 for cnn)",
+    )
+    model.add_argument("--l2", type=float, default=0.0, help="L2 weight penalty on the dense and conv layers")
+
+    training = parser.add_argument_group("training")
+    training.add_argument(
+        "--epochs",
+        type=cli.positive_int,
+        help="most epochs of the first phase (default: 20 "
+        "for backbones, 30 for mlp and cnn); early stopping may end sooner",
+    )
+    training.add_argument("--batch-size", type=cli.positive_int, default=32)
+    training.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    training.add_argument("--learning-rate", type=cli.positive_float, help="(default: 0.001)")
+    training.add_argument(
+        "--augment",
+        action="store_true",
+        help="random flip, rotation, zoom and contrast while training (slower: backbone "
+        "features can no longer be computed once)",
+    )
+    training.add_argument(
+        "--fine-tune-layers",
+        type=cli.non_negative_int,
+        metavar="N",
+        help="phase 2: unfreeze the top N backbone layers (default: 30)",
+    )
+    training.add_argument(
+        "--fine-tune-epochs",
+        type=cli.non_negative_int,
+        metavar="N",
+        help="phase 2 epochs; 0 skips fine-tuning (default: 0)",
+    )
+    training.add_argument(
+        "--fine-tune-learning-rate", type=cli.positive_float, help="(default: a tenth of --learning-rate)"
+    )
+    training.add_argument(
+        "--early-stopping",
+        type=cli.non_negative_int,
+        default=5,
+        metavar="PATIENCE",
+        help="stop after this many epochs without a better validation loss, keeping the best "
+        "weights; 0 turns it off",
+    )
+    training.add_argument(
+        "--class-weight",
+        choices=("none", "auto"),
+        default="none",
+        help="auto weighs rare categories up (for unbalanced folders)",
+    )
+    training.add_argument("--seed", type=int, default=0, help="for the split, shuffling and initial weights")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    workspace = cli.workspace_of(args)
+    config = TrainConfig(
+        categories=tuple(args.categories),
+        images_dir=args.images_dir or workspace.images,
+        model=args.model,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        optimizer=args.optimizer,
+        learning_rate=args.learning_rate,
+        dropout=args.dropout,
+        dense_units=None if args.dense_units is None else tuple(args.dense_units),
+        l2=args.l2,
+        augment=args.augment,
+        fine_tune_layers=args.fine_tune_layers,
+        fine_tune_epochs=args.fine_tune_epochs,
+        fine_tune_learning_rate=args.fine_tune_learning_rate,
+        early_stopping=args.early_stopping,
+        class_weight=args.class_weight,
+        seed=args.seed,
+        weights=args.weights,
+        resize=args.resize,
+        split=args.split,
+        dedupe=args.dedupe,
+        workers=args.workers,
+    )
+    train(config, workspace)
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run_main(main))
