@@ -11,25 +11,36 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
+import json
+import os
 import random
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import requests
+import urllib3
 
 from . import __version__
+
+T = TypeVar("T")
 
 USER_AGENT = (
     f"image-classifier/{__version__} (gathers training photos for a personal image classifier; "
     f"set GATHER_USER_AGENT to add your contact) python-requests/{requests.__version__}"
 )
 """Wikimedia asks every client for a descriptive User-Agent; $GATHER_USER_AGENT replaces this one."""
+
+
+def default_user_agent() -> str:
+    return os.environ.get("GATHER_USER_AGENT") or USER_AGENT
+
 
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -71,7 +82,7 @@ class FetchPolicy:
     """A Retry-After longer than this gives up on the URL instead of stalling the run."""
     max_bytes: int = 25 * 1024 * 1024
     max_redirects: int = 5
-    user_agent: str = USER_AGENT
+    user_agent: str = field(default_factory=default_user_agent)
 
 
 @dataclass(frozen=True)
@@ -137,7 +148,6 @@ def write_limited(
     dest: Path,
     max_bytes: int,
     stop: threading.Event | None = None,
-    deadline: float | None = None,
     require_image: bool = False,
 ) -> tuple[str, int]:
     """Stream chunks into a new file `dest` (sha256, size), removing it again on any failure.
@@ -162,8 +172,6 @@ def write_limited(
                 size += len(chunk)
                 if size > max_bytes:
                     raise FetchError(f"too large (over {_megabytes(max_bytes)})")
-                if deadline is not None and time.monotonic() > deadline:
-                    raise FetchError("timeout", "the transfer took too long")
                 digest.update(chunk)
                 handle.write(chunk)
         if require_image and sniff_image(head) is None:
@@ -190,8 +198,8 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    current = now if now is not None else datetime.now(timezone.utc).timestamp()
+        when = when.replace(tzinfo=UTC)
+    current = now if now is not None else time.time()
     return max(0.0, when.timestamp() - current)
 
 
@@ -221,10 +229,179 @@ class HttpClient:
 
     def get_json(self, url: str, params: dict[str, Any] | None = None) -> Any:
         """A JSON API response, with the same retries, limits and checks as downloads."""
-        for _ in self._attempts(url, params, accept="application/json") as_iter():
-            pass
-        raise AssertionError("unreachable")
+
+        def attempt(target: str, query: dict[str, Any] | None) -> Any:
+            response = self._open(target, "application/json", query)
+            with self._tracked(response):
+                ctype = _content_type(response)
+                if "json" not in ctype:
+                    raise FetchError("not JSON", f"served as {ctype or 'unknown type'}")
+                body = bytearray()
+                for chunk in self._chunks(response, time.monotonic() + self.policy.max_time):
+                    body += chunk
+                    if len(body) > self.policy.max_bytes:
+                        raise FetchError(f"too large (over {_megabytes(self.policy.max_bytes)})")
+            try:
+                return json.loads(body)
+            except ValueError as error:
+                raise FetchError("bad JSON", str(error)[:100]) from None
+
+        return self._with_retries(url, params, attempt)
 
     def download(self, url: str, dest: Path) -> Fetched:
-        """Stream an image to the new file `dest`; FetchError or Cancelled leave no file behind."""
-        raise NotImplementedError
+        """Stream an image into the new file `dest`; FetchError or Cancelled leave no file behind."""
+
+        def attempt(target: str, query: dict[str, Any] | None) -> Fetched:
+            response = self._open(target, IMAGE_ACCEPT, query)
+            with self._tracked(response):
+                _check_image_headers(response, self.policy.max_bytes)
+                chunks = self._chunks(response, time.monotonic() + self.policy.max_time)
+                sha256, size = write_limited(
+                    chunks, dest, self.policy.max_bytes, self.stop, require_image=True
+                )
+                return Fetched(path=dest, sha256=sha256, size=size, url=response.url)
+
+        return self._with_retries(url, None, attempt)
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.headers["User-Agent"] = self.policy.user_agent
+            self._local.session = session
+        return session
+
+    @contextmanager
+    def _tracked(self, response: requests.Response) -> Iterator[None]:
+        with self._lock:
+            self._active.add(response)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._active.discard(response)
+            response.close()
+
+    def _with_retries(
+        self, url: str, params: dict[str, Any] | None, attempt: Callable[[str, dict[str, Any] | None], T]
+    ) -> T:
+        url = check_url(url)
+        tries = 0
+        while True:
+            if self.stop.is_set():
+                raise Cancelled()
+            tries += 1
+            try:
+                return attempt(url, params)
+            except _Retry as retry:
+                error = retry.error
+                if tries > self.policy.retries:
+                    detail = f"{error.detail}, " if error.detail else ""
+                    raise FetchError(error.reason, f"{detail}gave up after {tries} tries") from None
+                if retry.wait is not None and retry.wait > self.policy.max_wait:
+                    raise FetchError(error.reason, f"asked to retry after {retry.wait:.0f} s") from None
+                wait = retry.wait if retry.wait is not None else self._backoff(tries)
+                if self.stop.wait(wait):
+                    raise Cancelled() from None
+
+    def _backoff(self, tries: int) -> float:
+        return self.policy.backoff * 2 ** (tries - 1) * random.uniform(1.0, 1.5)
+
+    def _open(self, url: str, accept: str, params: dict[str, Any] | None) -> requests.Response:
+        """One try at a response with a 2xx status, following redirects one checked hop at a time."""
+        seen: set[str] = set()
+        for _ in range(self.policy.max_redirects + 1):
+            check_url(url)
+            if url in seen:
+                raise FetchError("redirect loop", url[:200])
+            seen.add(url)
+            try:
+                response = self._session().get(
+                    url,
+                    params=params,
+                    headers={"Accept": accept},
+                    stream=True,
+                    timeout=(self.policy.timeout, self.policy.timeout),
+                    allow_redirects=False,
+                )
+            except requests.Timeout:
+                raise _Retry(FetchError("timeout", f"no answer within {self.policy.timeout:g} s")) from None
+            except requests.ConnectionError as error:
+                if self.stop.is_set():
+                    raise Cancelled() from None
+                raise _Retry(FetchError("connection failed", _short(error))) from None
+            except (requests.RequestException, ValueError) as error:
+                raise FetchError("bad URL", _short(error)) from None
+            params = None
+            status = response.status_code
+            if status in REDIRECT_STATUSES:
+                location = response.headers.get("Location", "")
+                response.close()
+                if not location:
+                    raise FetchError("bad redirect", f"HTTP {status} without a Location")
+                url = urljoin(response.url, location)
+                continue
+            if status in RETRY_STATUSES or status >= 500:
+                wait = retry_after_seconds(response.headers.get("Retry-After"))
+                response.close()
+                raise _Retry(FetchError(f"HTTP {status}"), wait)
+            if status != 200:
+                response.close()
+                raise FetchError(f"HTTP {status}")
+            return response
+        raise FetchError("too many redirects", f"more than {self.policy.max_redirects}")
+
+    def _chunks(self, response: requests.Response, deadline: float) -> Iterator[bytes]:
+        """The body in chunks as they arrive, so the time limit and the stop event are checked between any
+        two reads (a 64 KB read would wait for 64 KB); trouble mid-body becomes a retry, or Cancelled."""
+        try:
+            for chunk in _arriving(response):
+                if self.stop.is_set():
+                    raise Cancelled()
+                if time.monotonic() > deadline:
+                    raise FetchError("timeout", f"the transfer took over {self.policy.max_time:g} s")
+                yield chunk
+        except (Cancelled, FetchError):
+            raise
+        except Exception as error:
+            if self.stop.is_set():
+                raise Cancelled() from None
+            if isinstance(error, OSError | urllib3.exceptions.HTTPError):
+                reason = "timeout" if "timed out" in str(error).lower() else "connection failed"
+                raise _Retry(FetchError(reason, "while reading the body")) from None
+            raise
+
+
+def _arriving(response: requests.Response) -> Iterator[bytes]:
+    read1 = getattr(response.raw, "read1", None)  # urllib3 >= 2
+    if read1 is None:
+        yield from response.iter_content(CHUNK)
+        return
+    while chunk := read1(CHUNK, decode_content=True):
+        yield chunk
+
+
+IMAGE_ACCEPT = "image/avif,image/webp,image/png,image/jpeg,image/*;q=0.8,*/*;q=0.1"
+
+
+def _content_type(response: requests.Response) -> str:
+    return response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+
+
+def _check_image_headers(response: requests.Response, max_bytes: int) -> None:
+    """Refuse before reading the body: a declared type that is not an image, or a declared size too big."""
+    ctype = _content_type(response)
+    if ctype == "text/html" or ctype == "application/xhtml+xml":
+        raise FetchError("not an image (HTML page)")
+    if ctype == "image/svg+xml":
+        raise FetchError("not an image (SVG vector graphics)")
+    if ctype and not ctype.startswith("image/") and ctype not in BINARY_TYPES:
+        raise FetchError(f"not an image (served as {ctype})")
+    length = response.headers.get("Content-Length", "").strip()
+    if length.isdigit() and int(length) > max_bytes:
+        raise FetchError(f"too large (over {_megabytes(max_bytes)})", f"{_megabytes(int(length))} declared")
+
+
+def _short(error: BaseException) -> str:
+    text = str(error)
+    return text if len(text) <= 160 else text[:157] + "..."
