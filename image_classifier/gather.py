@@ -1,0 +1,659 @@
+"""The gather stage: fill workspace/images/<category>/ with up to --limit good images from one source.
+
+Every candidate takes the same path whatever its source: fetched into a hidden temporary file inside the
+category folder, decoded by the same code preprocessing uses, checked for size, compared by content hash
+with every image already in the workspace, then moved to `<sha256 prefix>.<ext>` and recorded in
+images/manifest.csv. A run only ever adds files: what a user put in a folder is counted and left alone,
+and a name that is taken is never overwritten. Downloads run on a few threads; searching, storing and the
+manifest stay on the main thread, so they need no locks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import os
+import sys
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .config import Workspace
+from .download import Cancelled, Fetched, FetchError, FetchPolicy, HttpClient
+from .errors import UserError
+from .images import ImageError, ImageInfo, inspect, list_image_files
+from .sources import SOURCES, Candidate, SearchError, Source, SourceSettings, create_source
+
+DEFAULT_SOURCE = "openverse"
+DEFAULT_WORKERS = 8
+DEFAULT_MIN_SIDE = 64
+"""Smaller pictures say too little to learn from; the stage skips them."""
+MANIFEST_NAME = "manifest.csv"
+MANIFEST_FIELDS = [
+    "file",
+    "category",
+    "source",
+    "url",
+    "page",
+    "licence",
+    "author",
+    "sha256",
+    "width",
+    "height",
+    "time",
+]
+MANUAL_SOURCE = "manual"
+"""Manifest source of a file that was already in a category folder (put there by hand)."""
+TEMP_PREFIX = ".gather-"
+TEMP_SUFFIX = ".part"
+NAME_CHARS = 16
+"""Hex digits of the sha256 in a stored file's name: unique in practice, short enough to read."""
+FAILURE_FACTOR = 5
+MIN_FAILURE_BUDGET = 50
+"""A remote category stops after max(50, 5 x images still needed) fetches that kept nothing."""
+EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp"}
+EXTENSIONS |= {"TIFF": ".tif", "AVIF": ".avif"}
+FORBIDDEN_CHARACTERS = set('/\\:*?"<>|')
+
+
+def category_problem(name: str) -> str | None:
+    """Why `name` cannot be a folder under images/, or None when it can."""
+    if not name:
+        return "an empty name"
+    if name.startswith("."):
+        return f"{name!r} starts with a dot (hidden folders are ignored)"
+    bad = sorted({char for char in name if char in FORBIDDEN_CHARACTERS or ord(char) < 32})
+    if bad:
+        return f"{name!r} contains {' '.join(repr(char) for char in bad)}, which a folder name cannot"
+    if name.lower() == MANIFEST_NAME:
+        return f"{name!r} is the manifest's file name"
+    if len(name) > 100:
+        return f"{name[:20]!r}... is longer than 100 characters"
+    return None
+
+
+def categories_arg(text: str) -> list[str]:
+    """`cat,dog,horse` -> names that are safe folder names; one is enough (gather one category at a time)."""
+    names = [name.strip() for name in text.split(",")]
+    for name in names:
+        problem = category_problem(name)
+        if problem:
+            raise argparse.ArgumentTypeError(f"bad category name: {problem}; write them like cat,dog,horse")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"category listed twice: {', '.join(repeated)}")
+    return names
+
+
+def query_arg(text: str) -> tuple[str, str]:
+    """`cat=house cat` -> ('cat', 'house cat')."""
+    category, sep, query = text.partition("=")
+    if not sep or not category.strip() or not query.strip():
+        raise argparse.ArgumentTypeError(f'expected CATEGORY=QUERY like cat="house cat", got {text!r}')
+    return category.strip(), query.strip()
+
+
+def default_query(category: str) -> str:
+    return " ".join(category.replace("_", " ").replace("-", " ").split())
+
+
+@dataclass(frozen=True)
+class GatherOptions:
+    categories: tuple[str, ...] = ()
+    """Empty: take them from the source (CSV rows, subfolders of --from)."""
+    source: str | None = None
+    """None: `urls` with --urls, `folder`/`zip` with --from, else DEFAULT_SOURCE."""
+    limit: int | None = None
+    """Good images wanted per category; None: the source's default (200 for searches, all for imports)."""
+    queries: tuple[tuple[str, str], ...] = ()
+    urls_file: Path | None = None
+    from_path: Path | None = None
+    workers: int = DEFAULT_WORKERS
+    min_side: int = DEFAULT_MIN_SIDE
+    policy: FetchPolicy = field(default_factory=FetchPolicy)
+    progress: bool = True
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> GatherOptions:
+        policy = FetchPolicy(
+            timeout=args.timeout, retries=args.retries, max_bytes=int(args.max_mb * 1024 * 1024)
+        )
+        return cls(
+            categories=tuple(args.categories or ()),
+            source=args.source,
+            limit=args.limit,
+            queries=tuple(args.query or ()),
+            urls_file=args.urls,
+            from_path=args.from_path,
+            workers=args.workers,
+            min_side=args.min_side,
+            policy=policy,
+        )
+
+    def source_name(self) -> str:
+        if self.source:
+            return self.source
+        if self.urls_file is not None:
+            return "urls"
+        if self.from_path is not None:
+            return "folder" if self.from_path.is_dir() else "zip"
+        return DEFAULT_SOURCE
+
+
+@dataclass
+class CategoryReport:
+    category: str
+    limit: int | None
+    existing: int = 0
+    """Good images that were already in the folder."""
+    unusable: int = 0
+    """Files already in the folder that do not decode; left in place, not counted."""
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    candidates: int = 0
+    search_errors: list[str] = field(default_factory=list)
+    ran_out: bool = False
+    gave_up: bool = False
+
+    @property
+    def total(self) -> int:
+        return self.existing + self.kept
+
+    def line(self, searches: bool) -> str:
+        wanted = f" of {self.limit}" if self.limit is not None else ""
+        parts = [f"{self.kept} new"] + ([f"{self.existing} already there"] if self.existing else [])
+        text = f"{self.category}: {self.total}{wanted} images ({', '.join(parts)})"
+        if self.skipped:
+            reasons = ", ".join(f"{count} {reason}" for reason, count in self.skipped.most_common())
+            text += f"; skipped {sum(self.skipped.values())}: {reasons}"
+        notes = []
+        if self.unusable:
+            notes.append(
+                f"{self.unusable} file(s) already in the folder do not open as images (left as they are)"
+            )
+        notes += self.search_errors
+        short = self.limit is not None and self.total < self.limit
+        if self.ran_out and not self.candidates and not self.search_errors:
+            notes.append("the source has no images for it")
+        elif short and self.gave_up:
+            notes.append(
+                "stopped early: too many downloads failed or were duplicates; try again later or another --source"
+            )
+        elif short and self.ran_out and searches:
+            notes.append(
+                f'the search ran out of results: add queries like --query {self.category}="..." '
+                "or try another --source"
+            )
+        elif short and self.ran_out:
+            notes.append("the source has no more images for it")
+        return "\n".join([text, *(f"  {self.category}: {note}" for note in notes)])
+
+
+@dataclass
+class GatherReport:
+    source: str
+    root: Path
+    categories: list[CategoryReport] = field(default_factory=list)
+
+    def format(self) -> str:
+        searches = SOURCES[self.source].searches
+        lines = [f"Images in {self.root} (source: {self.source}):"]
+        lines += ["  " + report.line(searches).replace("\n", "\n  ") for report in self.categories]
+        lines.append(f"Every kept image is listed in {self.root / MANIFEST_NAME}")
+        if self.source == "ddg":
+            lines.append(
+                "Note: ddg results carry no licence; check an image's page (in the manifest) before you "
+                "share it or a model trained on it."
+            )
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Checked:
+    fetched: Fetched
+    info: ImageInfo
+
+
+class ImageStore:
+    """The images folder: what it holds (by content hash), the manifest, and adding files without overwriting."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.manifest = root / MANIFEST_NAME
+        rows = read_manifest(self.manifest)
+        self.recorded = {(row["file"], row["sha256"]): row for row in rows}
+        self.known_urls = {
+            row["url"] for row in rows if row.get("url") and row.get("source") != MANUAL_SOURCE
+        }
+        self.hashes: dict[str, str] = {}
+        """sha256 -> file (relative to root) of every image anywhere in the category folders."""
+        self.file_hashes: dict[str, str] = {}
+        self._needs_newline = _lacks_final_newline(self.manifest)
+
+    def scan(self, map_fn: Callable[..., Iterable[Any]]) -> None:
+        """Hash every file in every category folder, so nothing is stored twice anywhere."""
+        files = [path for path in list_image_files(self.root) if len(path.relative_to(self.root).parts) > 1]
+        for path, sha256 in zip(files, map_fn(_sha256_of, files), strict=True):
+            if sha256 is None:
+                continue
+            relative = path.relative_to(self.root).as_posix()
+            self.file_hashes[relative] = sha256
+            self.hashes.setdefault(sha256, relative)
+
+    def check_existing(self, category: str, map_fn: Callable[..., Iterable[Any]]) -> tuple[int, int]:
+        """(good, unusable) images already in the folder; good ones not yet in the manifest are added."""
+        folder = self.root / category
+        good: set[str] = set()
+        unknown: list[tuple[Path, str]] = []
+        unusable = 0
+        for path in list_image_files(folder) if folder.is_dir() else []:
+            relative = path.relative_to(self.root).as_posix()
+            sha256 = self.file_hashes.get(relative)
+            if sha256 is None:
+                unusable += 1
+            elif (relative, sha256) in self.recorded:
+                good.add(sha256)
+            else:
+                unknown.append((path, relative))
+        infos = map_fn(_inspect_or_none, [path for path, _ in unknown])
+        for (_, relative), info in zip(unknown, infos, strict=True):
+            if info is None:
+                unusable += 1
+                continue
+            sha256 = self.file_hashes[relative]
+            good.add(sha256)
+            self._record(relative, category, MANUAL_SOURCE, Candidate(url=""), sha256, info)
+        return len(good), unusable
+
+    def add(self, checked: _Checked, category: str, source: str, candidate: Candidate) -> bool:
+        """Move a checked temporary file into place; False (and the file removed) when it is a duplicate."""
+        temp, sha256 = checked.fetched.path, checked.fetched.sha256
+        if sha256 in self.hashes:
+            temp.unlink(missing_ok=True)
+            return False
+        ext = EXTENSIONS.get(checked.info.format, f".{checked.info.format.lower()}")
+        folder = self.root / category
+        for stem in (sha256[:NAME_CHARS], sha256):
+            final = folder / f"{stem}{ext}"
+            if _place(temp, final):
+                break
+        else:
+            temp.unlink(missing_ok=True)
+            raise FetchError("name taken", f"{final.name} exists with other content")
+        relative = final.relative_to(self.root).as_posix()
+        self.hashes[sha256] = relative
+        self.file_hashes[relative] = sha256
+        self._record(relative, category, source, candidate, sha256, checked.info)
+        return True
+
+    def _record(
+        self, relative: str, category: str, source: str, candidate: Candidate, sha256: str, info: ImageInfo
+    ) -> None:
+        row = {
+            "file": relative,
+            "category": category,
+            "source": source,
+            "url": candidate.url,
+            "page": candidate.page,
+            "licence": candidate.licence,
+            "author": candidate.author,
+            "sha256": sha256,
+            "width": info.width,
+            "height": info.height,
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        self.append_row(row)
+        self.recorded[(relative, sha256)] = {key: str(value) for key, value in row.items()}
+        if candidate.url and source != MANUAL_SOURCE:
+            self.known_urls.add(candidate.url)
+
+    def append_row(self, row: dict[str, Any]) -> None:
+        """One whole line per write, flushed at once: an interrupted run leaves at most one broken last line."""
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
+        new = not self.manifest.exists() or self.manifest.stat().st_size == 0
+        if new:
+            writer.writeheader()
+        elif self._needs_newline:
+            buffer.write("\n")
+        writer.writerow(row)
+        with open(self.manifest, "a", encoding="utf-8", newline="") as handle:
+            handle.write(buffer.getvalue())
+            handle.flush()
+        self._needs_newline = False
+
+
+def read_manifest(path: Path) -> list[dict[str, str]]:
+    """Rows with a file and a hash; a line cut short by an interrupted run is ignored."""
+    if not path.exists():
+        return []
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            return [
+                row
+                for row in csv.DictReader(handle)
+                if row.get("file") and row.get("sha256") and len(row["sha256"]) == 64 and None not in row
+            ]
+    except (csv.Error, UnicodeDecodeError, OSError) as error:
+        raise UserError(f"cannot read {path} ({error}); move it aside and run again to rebuild it") from None
+
+
+def _lacks_final_newline(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(-1, os.SEEK_END)
+            return handle.read(1) not in (b"\n", b"\r")
+    except OSError:
+        return False
+
+
+def _place(temp: Path, final: Path) -> bool:
+    """Give `temp` the name `final` unless that name is taken; never replaces an existing file."""
+    try:
+        os.link(temp, final)
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links on this filesystem: check, then rename (one writer: the main thread)
+        if final.exists():
+            return False
+        os.replace(temp, final)
+        return True
+    temp.unlink()
+    return True
+
+
+def _sha256_of(path: Path) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1024 * 1024), b""):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def _inspect_or_none(path: Path) -> ImageInfo | None:
+    try:
+        return inspect(path)
+    except ImageError:
+        return None
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Temporary files a killed run left behind; only names this stage makes are touched."""
+    if folder.is_dir():
+        for path in folder.glob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
+            path.unlink(missing_ok=True)
+
+
+def image_reason(message: str) -> str:
+    """An ImageError message cut to something countable: 'not an image: an HTML page' -> 'not an image (an HTML page)'."""
+    head = message.split(" (")[0]
+    if ": " in head:
+        first, rest = head.split(": ", 1)
+        return first if len(rest) > 40 else f"{first} ({rest})"
+    return head
+
+
+def round_robin(streams: Sequence[Iterator[Candidate]], report: CategoryReport) -> Iterator[Candidate]:
+    """Take from each query's results in turn, so several queries share the limit; a failed search drops out."""
+    active = list(streams)
+    while active:
+        for stream in list(active):
+            try:
+                candidate = next(stream)
+            except StopIteration:
+                active.remove(stream)
+                continue
+            except SearchError as error:
+                report.search_errors.append(str(error))
+                active.remove(stream)
+                continue
+            report.candidates += 1
+            yield candidate
+
+
+class _Run:
+    """One gather run: the source, the store, the download threads and the options they share."""
+
+    def __init__(
+        self,
+        source: Source,
+        source_name: str,
+        store: ImageStore,
+        pool: ThreadPoolExecutor,
+        options: GatherOptions,
+        limit: int | None,
+    ) -> None:
+        self.source = source
+        self.source_name = source_name
+        self.store = store
+        self.pool = pool
+        self.options = options
+        self.limit = limit
+        self.attempted: set[str] = set()
+        self.reports: list[CategoryReport] = []
+
+    def category(self, category: str, queries: Sequence[str]) -> CategoryReport:
+        report = CategoryReport(category=category, limit=self.limit)
+        self.reports.append(report)
+        folder = self.store.root / category
+        folder.mkdir(parents=True, exist_ok=True)
+        report.existing, report.unusable = self.store.check_existing(category, self.pool.map)
+        if self.limit is not None and report.existing >= self.limit:
+            return report
+        needed = None if self.limit is None else self.limit - report.existing
+        budget = max(MIN_FAILURE_BUDGET, FAILURE_FACTOR * (needed or 0)) if self.source.remote else None
+        candidates = round_robin(self.source.streams(category, queries), report)
+        pending: dict[Future, tuple[Candidate, Path]] = {}
+        failures = 0
+        bar = _progress_bar(category, self.limit, report.existing, self.options.progress)
+        try:
+            while True:
+                remaining = None if needed is None else needed - report.kept
+                if remaining is not None and remaining <= 0:
+                    break
+                room = self.options.workers if remaining is None else min(self.options.workers, remaining)
+                while len(pending) < room and not report.ran_out and not report.gave_up:
+                    candidate = next(candidates, None)
+                    if candidate is None:
+                        report.ran_out = True
+                        break
+                    reason = self._precheck(candidate)
+                    if reason:
+                        if reason != "repeated":
+                            report.skipped[reason] += 1
+                        continue
+                    temp = folder / f"{TEMP_PREFIX}{uuid.uuid4().hex}{TEMP_SUFFIX}"
+                    pending[self.pool.submit(self._fetch_and_check, candidate, temp)] = (candidate, temp)
+                if not pending:
+                    break
+                done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                for future in done:
+                    candidate, _ = pending.pop(future)
+                    if not self._settle(future, candidate, category, report):
+                        failures += 1
+                if budget is not None and failures >= budget:
+                    report.gave_up = True
+                bar.set_postfix(skipped=sum(report.skipped.values()), refresh=False)
+                bar.update(report.total - bar.n)
+        except BaseException:
+            self.source.client.abort()
+            raise
+        finally:
+            _drain(pending)
+            bar.close()
+        return report
+
+    def _precheck(self, candidate: Candidate) -> str | None:
+        """A reason to skip without fetching: seen this run, kept in an earlier one, or listed as too small."""
+        if candidate.url in self.attempted:
+            return "repeated"
+        self.attempted.add(candidate.url)
+        if self.source.remote and candidate.url in self.store.known_urls:
+            return "downloaded before"
+        sides = [side for side in (candidate.width, candidate.height) if side]
+        if len(sides) == 2 and min(sides) < self.options.min_side:
+            return f"too small (under {self.options.min_side} px)"
+        return None
+
+    def _fetch_and_check(self, candidate: Candidate, temp: Path) -> _Checked:
+        """Runs on a download thread: the bytes into `temp`, then a full decode, as preprocessing will."""
+        fetched = self.source.fetch(candidate, temp)
+        try:
+            info = inspect(temp)
+            if min(info.width, info.height) < self.options.min_side:
+                raise FetchError(
+                    f"too small (under {self.options.min_side} px)", f"{info.width}x{info.height}"
+                )
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        return _Checked(fetched, info)
+
+    def _settle(self, future: Future, candidate: Candidate, category: str, report: CategoryReport) -> bool:
+        """Store a finished fetch or count why not; True when an image was kept."""
+        try:
+            checked = future.result()
+        except Cancelled:
+            return False
+        except FetchError as error:
+            report.skipped[error.reason] += 1
+            return False
+        except ImageError as error:
+            report.skipped[image_reason(str(error))] += 1
+            return False
+        except Exception as error:  # one odd file or server must not end a long run; the reason is shown
+            report.skipped[f"unexpected {type(error).__name__}"] += 1
+            return False
+        try:
+            stored = self.store.add(checked, category, self.source_name, candidate)
+        except FetchError as error:
+            report.skipped[error.reason] += 1
+            return False
+        if not stored:
+            report.skipped["duplicate"] += 1
+            return False
+        report.kept += 1
+        return True
+
+
+def _drain(pending: dict[Future, tuple[Candidate, Path]]) -> None:
+    """Wait for downloads still running and remove what they wrote: nothing half-done stays behind."""
+    for future in pending:
+        future.cancel()
+    wait(pending)
+    for _, temp in pending.values():
+        temp.unlink(missing_ok=True)
+
+
+def _progress_bar(category: str, limit: int | None, initial: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(
+        total=limit,
+        initial=initial,
+        desc=category,
+        unit="img",
+        file=sys.stderr,
+        mininterval=0.3,
+        dynamic_ncols=True,
+        disable=not enabled,
+    )
+
+
+def _resolve_categories(options: GatherOptions, source: Source, name: str) -> list[str]:
+    categories = list(options.categories)
+    offered = source.categories()
+    if not categories:
+        if offered is None:
+            raise UserError(f"--source {name} needs --categories; write them like --categories cat,dog,horse")
+        categories = offered
+        for category in categories:
+            problem = category_problem(category)
+            if problem:
+                raise UserError(
+                    f"category from the {source.label} cannot be a folder name: {problem}; rename it"
+                )
+    source.check_categories(categories)
+    return categories
+
+
+def _check_options(options: GatherOptions, name: str) -> None:
+    if name not in SOURCES:
+        raise UserError(f"unknown source {name!r}; choose one of {', '.join(SOURCES)}")
+    cls = SOURCES[name]
+    if options.urls_file is not None and name != "urls":
+        raise UserError(f"--urls is only read by --source urls, not --source {name}; drop one of them")
+    if options.from_path is not None and name not in ("folder", "zip"):
+        raise UserError(
+            f"--from is only read by --source folder or zip, not --source {name}; drop one of them"
+        )
+    if options.queries and not cls.searches:
+        searching = ", ".join(n for n, c in SOURCES.items() if c.searches)
+        raise UserError(f"--query only applies to search sources ({searching}), not --source {name}")
+    if options.workers < 1 or options.min_side < 1:
+        raise UserError("--workers and --min-side must be at least 1")
+
+
+def gather(
+    workspace: Workspace, options: GatherOptions, print_fn: Callable[[str], object] = print
+) -> GatherReport:
+    """Fill each category folder up to the limit, print a summary, and return it."""
+    name = options.source_name()
+    _check_options(options, name)
+    client = HttpClient(options.policy)
+    settings = SourceSettings(client, options.categories, options.urls_file, options.from_path)
+    source = create_source(name, settings)
+    categories = _resolve_categories(options, source, name)
+    for category, _ in options.queries:
+        if category not in categories:
+            raise UserError(
+                f"--query {category}=...: {category!r} is not one of --categories ({','.join(categories)})"
+            )
+    limit = options.limit if options.limit is not None else source.default_limit
+    queries = {
+        category: [q for c, q in options.queries if c == category] or [default_query(category)]
+        for category in categories
+    }
+    root = workspace.images
+    report = GatherReport(source=name, root=root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for category in categories:
+            remove_stale_temporaries(root / category)
+    except OSError as error:
+        raise UserError(
+            f"cannot write to {root}: {error.strerror or error}; check the --workspace path"
+        ) from None
+    store = ImageStore(root)
+    pool = ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="gather")
+    try:
+        store.scan(pool.map)
+        run = _Run(source, name, store, pool, options, limit)
+        report.categories = run.reports
+        for category in categories:
+            run.category(category, queries[category])
+    except KeyboardInterrupt:
+        client.abort()
+        print_fn(report.format())
+        print_fn("Stopped before the end: what was kept stays; run the same command again to continue.")
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    print_fn(report.format())
+    failed = [item for item in report.categories if item.search_errors and not item.candidates]
+    if failed and len(failed) == len(report.categories) and not any(item.total for item in failed):
+        raise UserError(
+            f"{failed[0].search_errors[0]}; check the internet connection, or try another --source "
+            f"({', '.join(n for n in SOURCES if n != name)})"
+        )
+    return report

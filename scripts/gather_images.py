@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Gather images: fill workspace/images/<category>/ with up to --limit good images per category.
+
+Examples:
+  gather_images.py --categories cat,dog,horse --limit 200
+  gather_images.py --categories cat,dog --query cat="house cat" --query cat=kitten --source wikimedia
+  gather_images.py --urls my_urls.csv            (rows of category,url)
+  gather_images.py --from ~/Pictures/pets        (one subfolder per category; a .zip works too)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from image_classifier import cli
+from image_classifier.gather import (
+    DEFAULT_MIN_SIDE,
+    DEFAULT_SOURCE,
+    DEFAULT_WORKERS,
+    GatherOptions,
+    categories_arg,
+    gather,
+    query_arg,
+)
+from image_classifier.sources import DEFAULT_LIMIT, SOURCES
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' line breaks; shows defaults, except the None of options whose help explains it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = cli.make_parser(__doc__ or "")
+    parser.formatter_class = _HelpFormatter
+    parser.add_argument(
+        "--categories",
+        type=categories_arg,
+        help="comma-separated category names, like cat,dog,horse (taken from --urls or --from when left out)",
+    )
+    parser.add_argument(
+        "--limit",
+        type=cli.positive_int,
+        help=f"good images wanted per category, counting those already there "
+        f"(default: {DEFAULT_LIMIT} for searches, everything for --urls and --from)",
+    )
+    parser.add_argument(
+        "--source",
+        choices=list(SOURCES),
+        help=f"where images come from (default: urls with --urls, folder or zip with --from, else {DEFAULT_SOURCE})",
+    )
+    parser.add_argument(
+        "--query",
+        type=query_arg,
+        action="append",
+        metavar="CATEGORY=TEXT",
+        help="search text for a category instead of its name; repeat for several queries per category",
+    )
+    parser.add_argument("--urls", type=Path, metavar="FILE", help="CSV of category,url rows (--source urls)")
+    parser.add_argument(
+        "--from",
+        dest="from_path",
+        type=Path,
+        metavar="PATH",
+        help="folder or .zip with one subfolder of images per category (--source folder or zip); only read",
+    )
+    parser.add_argument(
+        "--workers", type=cli.positive_int, default=DEFAULT_WORKERS, help="downloads at the same time"
+    )
+    parser.add_argument(
+        "--min-side",
+        type=cli.positive_int,
+        default=DEFAULT_MIN_SIDE,
+        help="skip images whose shorter side has fewer pixels",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=cli.positive_float,
+        default=20.0,
+        help="seconds to wait for a server before retrying",
+    )
+    parser.add_argument(
+        "--retries", type=cli.non_negative_int, default=3, help="tries after a timeout, 429 or 5xx answer"
+    )
+    parser.add_argument(
+        "--max-mb", type=cli.positive_float, default=25.0, help="largest file to download, in MB"
+    )
+    args = parser.parse_args(argv)
+    gather(cli.workspace_of(args), GatherOptions.from_args(args))
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run_main(main))
