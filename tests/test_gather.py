@@ -1,0 +1,1120 @@
+"""The gather stage against a real HTTP server on 127.0.0.1 that misbehaves on purpose.
+
+The server answers in the documented formats of the Wikimedia Commons Action API (formatversion=2) and the
+Openverse v1 image search, serves real JPEGs, and fails in the ways the web does: 404, 500 then success,
+429 with Retry-After, answers slower than the timeout, HTML instead of an image, oversized bodies,
+redirect loops and redirects to other schemes. Nothing here reaches beyond this machine: name lookups
+of any other host fail the test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from image_classifier.config import Workspace
+from image_classifier.download import (
+    Cancelled,
+    FetchError,
+    FetchPolicy,
+    HttpClient,
+    retry_after_seconds,
+    sniff_image,
+)
+from image_classifier.errors import UserError
+from image_classifier.gather import MANIFEST_FIELDS, GatherOptions, gather, image_reason, read_manifest
+from image_classifier.images import inspect
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "gather_images.py"
+FAST = FetchPolicy(timeout=0.4, max_time=3.0, retries=1, backoff=0.01, max_wait=5.0, max_bytes=300_000)
+
+
+def jpeg(seed: int, size: tuple[int, int] = (96, 80)) -> bytes:
+    """A real, distinct photo-like JPEG (noise, so every seed hashes differently)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=80)
+    return buffer.getvalue()
+
+
+Responder = Callable[["Handler", dict], None]
+
+
+def respond(
+    handler: Handler,
+    status: int = 200,
+    body: bytes = b"",
+    ctype: str = "image/jpeg",
+    headers: dict | None = None,
+    length: bool = True,
+) -> None:
+    handler.send_response(status)
+    if ctype:
+        handler.send_header("Content-Type", ctype)
+    if length:
+        handler.send_header("Content-Length", str(len(body)))
+    for key, value in (headers or {}).items():
+        handler.send_header(key, value)
+    handler.end_headers()
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        handler.wfile.write(body)
+
+
+def image(body: bytes, ctype: str = "image/jpeg") -> Responder:
+    return lambda handler, query: respond(handler, 200, body, ctype)
+
+
+def status(code: int, headers: dict | None = None) -> Responder:
+    page = f"<!DOCTYPE html><html><body><h1>{code}</h1></body></html>".encode()
+    return lambda handler, query: respond(handler, code, page, "text/html", headers)
+
+
+def in_turn(*responders: Responder) -> Responder:
+    """The first answer on the first request, the next on the next; the last one repeats."""
+    calls = iter(range(10**6))
+
+    def serve(handler: Handler, query: dict) -> None:
+        responders[min(next(calls), len(responders) - 1)](handler, query)
+
+    return serve
+
+
+def slow(seconds: float, then: Responder) -> Responder:
+    def serve(handler: Handler, query: dict) -> None:
+        time.sleep(seconds)
+        then(handler, query)
+
+    return serve
+
+
+def redirect(target: str, code: int = 302) -> Responder:
+    return lambda handler, query: respond(handler, code, b"", "", {"Location": target})
+
+
+def trickle(body: bytes, pause: float, pieces: int = 40) -> Responder:
+    """A real image sent a few bytes at a time, `pause` seconds apart."""
+
+    def serve(handler: Handler, query: dict) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "image/jpeg")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        step = max(1, len(body) // pieces)
+        try:
+            for start in range(0, len(body), step):
+                handler.wfile.write(body[start : start + step])
+                handler.wfile.flush()
+                time.sleep(pause)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    return serve
+
+
+def endless(handler: Handler, query: dict) -> None:
+    """A JPEG header followed by more bytes than anyone should accept, without a Content-Length."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", "image/jpeg")
+    handler.end_headers()
+    try:
+        handler.wfile.write(b"\xff\xd8\xff\xe0" + b"\0" * 60)
+        for _ in range(100):
+            handler.wfile.write(b"\0" * 65536)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+
+
+@dataclass
+class Listing:
+    """One search result the fake APIs return: the image's name on the server and its listed size."""
+
+    name: str
+    width: int = 96
+    height: int = 80
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: Server
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        web = self.server.web
+        parts = urlsplit(self.path)
+        query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+        with web.lock:
+            web.hits[parts.path] += 1
+            web.requests.append((parts.path, query, dict(self.headers)))
+            web.active += 1
+            web.max_active = max(web.max_active, web.active)
+        try:
+            web.routes.get(parts.path, status(404))(self, query)
+        finally:
+            with web.lock:
+                web.active -= 1
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    web: Web
+
+
+class Web:
+    """The local web: routes by path, a record of every request, and the two fake search APIs."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Responder] = {}
+        self.hits: Counter = Counter()
+        self.requests: list[tuple[str, dict, dict]] = []
+        self.lock = threading.Lock()
+        self.active = 0
+        self.max_active = 0
+        self.wiki: dict[str, list[Listing]] = {}
+        self.wiki_batch = 2
+        self.openverse: dict[str, list[Listing]] = {}
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.server.web = self
+        self.routes["/w/api.php"] = self._wikimedia
+        self.routes["/v1/images/"] = self._openverse
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}{path}"
+
+    def add_image(self, name: str, body: bytes, ctype: str = "image/jpeg") -> str:
+        self.routes[f"/img/{name}"] = image(body, ctype)
+        return self.url(f"/img/{name}")
+
+    def queries(self, path: str) -> list[dict]:
+        return [query for seen, query, _ in self.requests if seen == path]
+
+    def _json(self, handler: Handler, body: dict) -> None:
+        respond(handler, 200, json.dumps(body).encode(), "application/json; charset=utf-8")
+
+    def _wikimedia(self, handler: Handler, q: dict) -> None:
+        """action=query&generator=search&prop=imageinfo with formatversion=2, as on commons.wikimedia.org."""
+        expected = {"action": "query", "format": "json", "formatversion": "2", "generator": "search"}
+        expected |= {"gsrnamespace": "6", "prop": "imageinfo"}
+        if any(q.get(key) != value for key, value in expected.items()) or "url" not in q.get("iiprop", ""):
+            self._json(handler, {"error": {"code": "badparams", "info": f"unexpected parameters {q}"}})
+            return
+        text = q["gsrsearch"].removesuffix(" filetype:bitmap")
+        listings = self.wiki.get(text, [])
+        offset = int(q.get("gsroffset", 0))
+        batch = listings[offset : offset + min(int(q["gsrlimit"]), self.wiki_batch)]
+        pages = []
+        for number, item in enumerate(batch, start=offset + 1):
+            title = f"File:{item.name}"
+            info = {
+                "size": 123456,
+                "width": item.width * 4,
+                "height": item.height * 4,
+                "thumburl": self.url(f"/img/{item.name}"),
+                "thumbwidth": item.width,
+                "thumbheight": item.height,
+                "url": self.url(f"/original/{item.name}"),
+                "descriptionurl": f"https://commons.wikimedia.org/wiki/{title}",
+                "descriptionshorturl": f"https://commons.wikimedia.org/w/index.php?curid={number}",
+                "mime": "image/jpeg",
+                "extmetadata": {
+                    "Artist": {
+                        "value": '<a href="//commons.wikimedia.org/wiki/User:Jane_Doe" title="User:Jane Doe">'
+                        "Jane &amp; Doe</a>",
+                        "source": "commons-desc-page",
+                    },
+                    "LicenseShortName": {
+                        "value": "CC BY-SA 4.0",
+                        "source": "commons-desc-page",
+                        "hidden": "",
+                    },
+                    "LicenseUrl": {
+                        "value": "https://creativecommons.org/licenses/by-sa/4.0",
+                        "source": "commons-desc-page",
+                        "hidden": "",
+                    },
+                },
+            }
+            pages.append(
+                {
+                    "pageid": 1000 + number,
+                    "ns": 6,
+                    "title": title,
+                    "index": number,
+                    "imagerepository": "local",
+                    "imageinfo": [info],
+                }
+            )
+        body: dict = {"batchcomplete": True, "query": {"pages": pages[::-1]}}  # the API does not sort them
+        if offset + len(batch) < len(listings):
+            body["continue"] = {"gsroffset": offset + len(batch), "continue": "gsroffset||"}
+        self._json(handler, body)
+
+    def _openverse(self, handler: Handler, q: dict) -> None:
+        """GET /v1/images/?q=&page=&page_size=, as on api.openverse.org (anonymous: page_size <= 20)."""
+        page, size = int(q.get("page", 1)), int(q.get("page_size", 20))
+        if size > 20:
+            body = {"detail": "Ensure this value is less than or equal to 20."}
+            respond(handler, 401, json.dumps(body).encode(), "application/json")
+            return
+        listings = self.openverse.get(q.get("q", ""), [])
+        chunk = listings[(page - 1) * size : page * size]
+        results = [
+            {
+                "id": f"0000000{number}-aaaa-bbbb-cccc-dddddddddddd",
+                "title": item.name,
+                "indexed_on": "2024-01-01T00:00:00Z",
+                "foreign_landing_url": f"https://www.flickr.com/photos/someone/{number}",
+                "url": self.url(f"/img/{item.name}"),
+                "creator": "Some Photographer",
+                "creator_url": "https://www.flickr.com/photos/someone",
+                "license": "by-sa",
+                "license_version": "2.0",
+                "license_url": "https://creativecommons.org/licenses/by-sa/2.0/",
+                "provider": "flickr",
+                "source": "flickr",
+                "category": "photograph",
+                "filesize": None,
+                "filetype": "jpg",
+                "tags": [{"name": "cat", "accuracy": None}],
+                "attribution": f'"{item.name}" by Some Photographer is licensed under CC BY-SA 2.0.',
+                "fields_matched": ["title"],
+                "mature": False,
+                "height": item.height,
+                "width": item.width,
+                "thumbnail": f"https://api.openverse.org/v1/images/{number}/thumb/",
+                "detail_url": f"https://api.openverse.org/v1/images/{number}/",
+                "related_url": f"https://api.openverse.org/v1/images/{number}/related/",
+            }
+            for number, item in enumerate(chunk, start=(page - 1) * size + 1)
+        ]
+        page_count = max(1, -(-len(listings) // size))
+        self._json(
+            handler,
+            {
+                "result_count": len(listings),
+                "page_count": page_count,
+                "page_size": size,
+                "page": page,
+                "results": results,
+            },
+        )
+
+
+@pytest.fixture(autouse=True)
+def only_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail loudly if anything tries to resolve a host other than this machine's loopback."""
+    real = socket.getaddrinfo
+
+    def guarded(host, *args, **kwargs):
+        if host not in ("127.0.0.1", "localhost", "::1", None):
+            raise AssertionError(f"test tried to reach {host!r}")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", guarded)
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def web(monkeypatch: pytest.MonkeyPatch):
+    server = Web()
+    monkeypatch.setenv("WIKIMEDIA_API_URL", server.url("/w/api.php"))
+    monkeypatch.setenv("OPENVERSE_API_URL", server.url("/v1/images/"))
+    yield server
+    server.server.shutdown()
+    server.server.server_close()
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Workspace:
+    return Workspace(tmp_path / "workspace")
+
+
+def run_gather(workspace: Workspace, **options) -> tuple[object, str]:
+    lines: list[str] = []
+    options.setdefault("policy", FAST)
+    options.setdefault("progress", False)
+    report = gather(workspace, GatherOptions(**options), print_fn=lines.append)
+    return report, "\n".join(lines)
+
+
+def manifest(workspace: Workspace) -> list[dict]:
+    with open(workspace.images / "manifest.csv", newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def stored(workspace: Workspace, category: str) -> list[Path]:
+    folder = workspace.images / category
+    return sorted(path for path in folder.iterdir() if not path.name.startswith("."))
+
+
+def no_partial_files(workspace: Workspace) -> bool:
+    return not [path for path in workspace.images.rglob("*") if path.name.endswith(".part")]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The HTTP client on its own
+
+
+def test_download_streams_to_file_with_hash_and_user_agent(web: Web, tmp_path: Path) -> None:
+    body = jpeg(1)
+    url = web.add_image("a.jpg", body)
+    fetched = HttpClient(FAST).download(url, tmp_path / "a.part")
+    assert fetched.path.read_bytes() == body
+    assert fetched.sha256 == hashlib.sha256(body).hexdigest()
+    assert fetched.size == len(body)
+    agent = web.requests[-1][2]["User-Agent"]
+    assert agent.startswith("image-classifier/") and "python-requests" in agent
+
+
+def test_user_agent_can_be_set_by_environment(
+    web: Web, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GATHER_USER_AGENT", "my-pets-classifier/1.0 (me@example.org)")
+    url = web.add_image("a.jpg", jpeg(1))
+    HttpClient(FetchPolicy(timeout=1, retries=0)).download(url, tmp_path / "a.part")
+    assert web.requests[-1][2]["User-Agent"] == "my-pets-classifier/1.0 (me@example.org)"
+
+
+def test_404_fails_at_once_without_retrying(web: Web, tmp_path: Path) -> None:
+    with pytest.raises(FetchError) as caught:
+        HttpClient(FAST).download(web.url("/missing.jpg"), tmp_path / "x.part")
+    assert caught.value.reason == "HTTP 404"
+    assert web.hits["/missing.jpg"] == 1
+    assert not (tmp_path / "x.part").exists()
+
+
+def test_500_then_success_is_retried(web: Web, tmp_path: Path) -> None:
+    body = jpeg(2)
+    web.routes["/flaky.jpg"] = in_turn(status(500), image(body))
+    fetched = HttpClient(FAST).download(web.url("/flaky.jpg"), tmp_path / "x.part")
+    assert fetched.path.read_bytes() == body
+    assert web.hits["/flaky.jpg"] == 2
+
+
+def test_persistent_503_gives_up_after_the_retries(web: Web, tmp_path: Path) -> None:
+    web.routes["/down.jpg"] = status(503)
+    policy = FetchPolicy(timeout=1, retries=2, backoff=0.01)
+    with pytest.raises(FetchError) as caught:
+        HttpClient(policy).download(web.url("/down.jpg"), tmp_path / "x.part")
+    assert caught.value.reason == "HTTP 503"
+    assert "3 tries" in str(caught.value)
+    assert web.hits["/down.jpg"] == 3
+
+
+def test_429_waits_as_long_as_retry_after_says(web: Web, tmp_path: Path) -> None:
+    body = jpeg(3)
+    web.routes["/busy.jpg"] = in_turn(status(429, {"Retry-After": "1"}), image(body))
+    started = time.monotonic()
+    fetched = HttpClient(FAST).download(web.url("/busy.jpg"), tmp_path / "x.part")
+    assert time.monotonic() - started >= 0.95  # backoff alone would be 0.01 s
+    assert fetched.path.read_bytes() == body
+    assert web.hits["/busy.jpg"] == 2
+
+
+def test_a_retry_after_beyond_reason_gives_up_instead_of_stalling(web: Web, tmp_path: Path) -> None:
+    web.routes["/busy.jpg"] = status(429, {"Retry-After": "3600"})
+    started = time.monotonic()
+    with pytest.raises(FetchError) as caught:
+        HttpClient(FAST).download(web.url("/busy.jpg"), tmp_path / "x.part")
+    assert caught.value.reason == "HTTP 429"
+    assert "3600" in str(caught.value)
+    assert time.monotonic() - started < 1
+
+
+def test_retry_after_as_http_date() -> None:
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:10 GMT", now=1445412480.0) == pytest.approx(10)
+    assert retry_after_seconds("120") == 120
+    assert retry_after_seconds("soon") is None
+
+
+def test_a_server_slower_than_the_timeout_fails_as_timeout(web: Web, tmp_path: Path) -> None:
+    web.routes["/slow.jpg"] = slow(1.5, image(jpeg(4)))
+    policy = FetchPolicy(timeout=0.2, retries=1, backoff=0.01)
+    started = time.monotonic()
+    with pytest.raises(FetchError) as caught:
+        HttpClient(policy).download(web.url("/slow.jpg"), tmp_path / "x.part")
+    assert caught.value.reason == "timeout"
+    assert time.monotonic() - started < 1.2
+    assert web.hits["/slow.jpg"] == 2
+    assert not (tmp_path / "x.part").exists()
+
+
+def test_a_trickling_body_is_cut_off_at_the_total_time_limit(web: Web, tmp_path: Path) -> None:
+    web.routes["/drip.jpg"] = trickle(jpeg(5), pause=0.1)
+    policy = FetchPolicy(timeout=1, max_time=0.5, retries=0)
+    started = time.monotonic()
+    with pytest.raises(FetchError) as caught:
+        HttpClient(policy).download(web.url("/drip.jpg"), tmp_path / "x.part")
+    assert caught.value.reason == "timeout"
+    assert time.monotonic() - started < 1.5  # the whole body would take 4 s
+    assert not (tmp_path / "x.part").exists()
+
+
+def test_an_html_page_is_not_an_image(web: Web, tmp_path: Path) -> None:
+    web.routes["/page"] = lambda h, q: respond(h, 200, b"<html><body>Sign in</body></html>", "text/html")
+    with pytest.raises(FetchError) as caught:
+        HttpClient(FAST).download(web.url("/page"), tmp_path / "x.part")
+    assert caught.value.reason == "not an image (HTML page)"
+    assert not (tmp_path / "x.part").exists()
+
+
+def test_magic_bytes_catch_html_served_as_an_image(web: Web, tmp_path: Path) -> None:
+    page = b"<!DOCTYPE html><html><head><title>Error</title></head><body>" + b"x" * 5000 + b"</body></html>"
+    web.routes["/fake.jpg"] = lambda h, q: respond(h, 200, page, "image/jpeg")
+    with pytest.raises(FetchError) as caught:
+        HttpClient(FAST).download(web.url("/fake.jpg"), tmp_path / "x.part")
+    assert caught.value.reason == "not an image (HTML page)"
+    assert not (tmp_path / "x.part").exists()
+
+
+def test_signatures_of_the_formats_we_download() -> None:
+    assert sniff_image(jpeg(1)) == "JPEG"
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, "PNG")
+    assert sniff_image(buffer.getvalue()) == "PNG"
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, "WEBP")
+    assert sniff_image(buffer.getvalue()) == "WEBP"
+    assert sniff_image(b"<svg xmlns=...") is None
+
+
+def test_a_declared_oversized_file_is_refused_before_reading(web: Web, tmp_path: Path) -> None:
+    web.routes["/huge.jpg"] = lambda h, q: respond(h, 200, jpeg(6, (900, 900)), "image/jpeg")
+    policy = FetchPolicy(timeout=1, retries=0, max_bytes=20_000)
+    with pytest.raises(FetchError) as caught:
+        HttpClient(policy).download(web.url("/huge.jpg"), tmp_path / "x.part")
+    assert caught.value.reason.startswith("too large")
+    assert "declared" in str(caught.value)
+    assert not (tmp_path / "x.part").exists()
+
+
+def test_an_undeclared_endless_body_stops_at_the_size_limit(web: Web, tmp_path: Path) -> None:
+    web.routes["/endless.jpg"] = endless
+    policy = FetchPolicy(timeout=1, retries=0, max_bytes=300_000)
+    with pytest.raises(FetchError) as caught:
+        HttpClient(policy).download(web.url("/endless.jpg"), tmp_path / "x.part")
+    assert caught.value.reason.startswith("too large")
+    assert not (tmp_path / "x.part").exists()
+
+
+def test_redirects_are_followed(web: Web, tmp_path: Path) -> None:
+    body = jpeg(7)
+    target = web.add_image("moved.jpg", body)
+    web.routes["/old.jpg"] = redirect("/img/moved.jpg", 301)
+    fetched = HttpClient(FAST).download(web.url("/old.jpg"), tmp_path / "x.part")
+    assert fetched.url == target
+    assert fetched.path.read_bytes() == body
+
+
+def test_a_redirect_loop_ends(web: Web, tmp_path: Path) -> None:
+    web.routes["/loop-a"] = redirect("/loop-b")
+    web.routes["/loop-b"] = redirect(web.url("/loop-a"))
+    with pytest.raises(FetchError) as caught:
+        HttpClient(FAST).download(web.url("/loop-a"), tmp_path / "x.part")
+    assert caught.value.reason == "redirect loop"
+    assert web.hits["/loop-a"] == 1 and web.hits["/loop-b"] == 1
+
+
+def test_a_redirect_to_another_scheme_is_not_followed(web: Web, tmp_path: Path) -> None:
+    web.routes["/sneaky.jpg"] = redirect("file:///etc/passwd")
+    with pytest.raises(FetchError) as caught:
+        HttpClient(FAST).download(web.url("/sneaky.jpg"), tmp_path / "x.part")
+    assert caught.value.reason == "not an http(s) URL"
+    assert not (tmp_path / "x.part").exists()
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://127.0.0.1/cat.jpg", "file:///etc/passwd", "javascript:alert(1)", "cat.jpg", "http:///x"]
+)
+def test_only_http_and_https_urls_are_fetched(url: str, web: Web, tmp_path: Path) -> None:
+    with pytest.raises(FetchError) as caught:
+        HttpClient(FAST).download(url, tmp_path / "x.part")
+    assert caught.value.reason in ("not an http(s) URL", "bad URL")
+    assert not web.requests
+
+
+def test_a_refused_connection_fails_after_retries(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(FetchError) as caught:
+        HttpClient(FAST).download(f"http://127.0.0.1:{port}/x.jpg", tmp_path / "x.part")
+    assert caught.value.reason == "connection failed"
+
+
+def test_json_api_calls_retry_and_check_the_type(web: Web) -> None:
+    answer = json.dumps({"ok": True}).encode()
+    web.routes["/api"] = in_turn(status(503), lambda h, q: respond(h, 200, answer, "application/json"))
+    assert HttpClient(FAST).get_json(web.url("/api"), {"q": "x"}) == {"ok": True}
+    assert web.queries("/api")[-1] == {"q": "x"}
+    web.routes["/html-api"] = status(200)
+    with pytest.raises(FetchError) as caught:
+        HttpClient(FAST).get_json(web.url("/html-api"))
+    assert caught.value.reason == "not JSON"
+
+
+def test_abort_cuts_off_a_download_blocked_in_a_read(web: Web, tmp_path: Path) -> None:
+    web.routes["/drip.jpg"] = trickle(jpeg(8), pause=0.5)
+    client = HttpClient(FetchPolicy(timeout=30, max_time=60, retries=3))
+    outcome: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            client.download(web.url("/drip.jpg"), tmp_path / "x.part")
+        except BaseException as error:
+            outcome.append(error)
+
+    worker = threading.Thread(target=fetch)
+    worker.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    client.abort()
+    worker.join(5)
+    assert not worker.is_alive()
+    assert time.monotonic() - started < 1.5  # not the 30 s read timeout
+    assert isinstance(outcome[0], Cancelled)
+    assert not (tmp_path / "x.part").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sources, end to end through the stage
+
+
+def test_wikimedia_images_with_licence_author_and_page(web: Web, workspace: Workspace) -> None:
+    bodies = {f"cat{i}.jpg": jpeg(10 + i) for i in range(4)}
+    for name, body in bodies.items():
+        web.add_image(name, body)
+    web.add_image("dog0.jpg", jpeg(20))
+    web.add_image("dog1.jpg", jpeg(21))
+    web.add_image("copy-of-cat0.jpg", bodies["cat0.jpg"])
+    web.routes["/img/error.jpg"] = status(404)
+    web.wiki["cat"] = [
+        Listing("error.jpg"),
+        Listing("cat0.jpg"),
+        Listing("icon.jpg", 40, 40),
+        Listing("cat1.jpg"),
+        Listing("cat2.jpg"),
+        Listing("cat3.jpg"),
+    ]
+    web.wiki["dog"] = [Listing("copy-of-cat0.jpg"), Listing("dog0.jpg"), Listing("dog1.jpg")]
+
+    report, text = run_gather(workspace, categories=("cat", "dog"), source="wikimedia", limit=3)
+
+    cats = stored(workspace, "cat")
+    assert len(cats) == 3
+    for path in cats:
+        assert path.name == hashlib.sha256(path.read_bytes()).hexdigest()[:16] + ".jpg"
+        assert path.read_bytes() in bodies.values()
+    assert len(stored(workspace, "dog")) == 2  # its copy of cat0 is a duplicate across categories
+    rows = manifest(workspace)
+    assert list(rows[0]) == MANIFEST_FIELDS
+    first = rows[0]
+    assert first["source"] == "wikimedia"
+    assert first["licence"] == "CC BY-SA 4.0"
+    assert first["author"] == "Jane & Doe"
+    assert first["page"] == "https://commons.wikimedia.org/wiki/File:cat0.jpg"
+    assert first["url"] == web.url("/img/cat0.jpg")
+    assert (first["width"], first["height"]) == ("96", "80")
+    assert first["sha256"] == hashlib.sha256(bodies["cat0.jpg"]).hexdigest()
+    searches = web.queries("/w/api.php")
+    assert searches[0]["gsrsearch"] == "cat filetype:bitmap"
+    assert searches[0]["iiurlwidth"] == "960"
+    assert any(q.get("gsroffset") == "2" for q in searches)  # followed the API's continue
+    assert web.hits["/img/icon.jpg"] == 0  # listed as 40x40: skipped unseen
+    assert web.hits["/img/cat3.jpg"] == 0  # the limit was reached first
+    assert "1 HTTP 404" in text and "1 too small (under 64 px)" in text and "1 duplicate" in text
+    assert all(not path.startswith("/original/") for path in web.hits)
+
+
+def test_openverse_pages_and_combines_queries(web: Web, workspace: Workspace) -> None:
+    for i in range(23):
+        web.add_image(f"house{i}.jpg", jpeg(100 + i))
+    for i in range(3):
+        web.add_image(f"kitten{i}.jpg", jpeg(200 + i))
+    web.openverse["house cat"] = [Listing(f"house{i}.jpg") for i in range(23)]
+    web.openverse["kitten"] = [Listing(f"kitten{i}.jpg") for i in range(3)]
+
+    report, text = run_gather(
+        workspace,
+        categories=("cat", "dog"),
+        source="openverse",
+        limit=6,
+        queries=(("cat", "house cat"), ("cat", "kitten")),
+    )
+
+    rows = [row for row in manifest(workspace) if row["category"] == "cat"]
+    assert len(rows) == 6
+    kinds = Counter("kitten" if "kitten" in row["url"] else "house" for row in rows)
+    assert kinds == {"house": 3, "kitten": 3}  # queries take turns until the limit
+    assert rows[0]["licence"] == "CC BY-SA 2.0"
+    assert rows[0]["author"] == "Some Photographer"
+    assert rows[0]["page"].startswith("https://www.flickr.com/photos/someone/")
+    asked = web.queries("/v1/images/")
+    assert {q["q"] for q in asked} == {"house cat", "kitten", "dog"}
+    assert all(q["page_size"] == "20" and q["category"] == "photograph" for q in asked)
+    assert "dog: the source has no images for it" in text
+
+
+def test_openverse_follows_page_count(web: Web, workspace: Workspace) -> None:
+    for i in range(23):
+        web.add_image(f"p{i}.jpg", jpeg(300 + i))
+    web.openverse["cat"] = [Listing(f"p{i}.jpg") for i in range(23)]
+    web.openverse["dog"] = []
+    report, text = run_gather(workspace, categories=("cat", "dog"), source="openverse", limit=30, workers=4)
+    assert len(stored(workspace, "cat")) == 23
+    assert [q["page"] for q in web.queries("/v1/images/") if q["q"] == "cat"] == ["1", "2"]
+    assert 'the search ran out of results: add queries like --query cat="..."' in text
+
+
+def test_ddg_through_the_ddgs_package(
+    web: Web, workspace: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ddgs.ddgs import DDGS  # the class behind the lazy `ddgs.DDGS` proxy
+    from ddgs.exceptions import DDGSException
+
+    for i in range(3):
+        web.add_image(f"d{i}.jpg", jpeg(400 + i))
+    calls = []
+
+    def images(self, query, **kwargs):
+        calls.append((query, kwargs))
+        if kwargs.get("page", 1) > 1:
+            raise DDGSException("No results found.")
+        return [
+            {
+                "title": f"A {query} {i}",
+                "image": web.url(f"/img/d{i}.jpg"),
+                "thumbnail": "https://tse1.mm.bing.net/th?id=OIP.x",
+                "url": f"https://example.org/{query}/{i}.html",
+                "height": 80,
+                "width": 96,
+                "source": "Bing",
+            }
+            for i in range(3)
+        ]
+
+    monkeypatch.setattr(DDGS, "images", images)
+    report, text = run_gather(workspace, categories=("horse",), source="ddg", limit=5)
+    rows = manifest(workspace)
+    assert len(rows) == 3
+    assert rows[0]["source"] == "ddg" and rows[0]["licence"] == "" and rows[0]["author"] == ""
+    assert rows[0]["page"].startswith("https://example.org/horse/")
+    assert calls[0][0] == "horse" and calls[0][1]["backend"] == "duckduckgo"
+    assert "ddg results carry no licence" in text
+
+
+def test_urls_list_against_every_kind_of_failure(web: Web, workspace: Workspace, tmp_path: Path) -> None:
+    good = [web.add_image(f"u{i}.jpg", jpeg(500 + i)) for i in range(3)]
+    web.routes["/flaky.jpg"] = in_turn(status(500), image(jpeg(510)))
+    web.routes["/busy.jpg"] = in_turn(status(429, {"Retry-After": "1"}), image(jpeg(511)))
+    web.routes["/slow.jpg"] = slow(1.5, image(jpeg(512)))
+    web.routes["/page.jpg"] = status(200)
+    web.routes["/huge.jpg"] = lambda h, q: respond(h, 200, jpeg(513, (1200, 1200)), "image/jpeg")
+    web.routes["/endless.jpg"] = endless
+    web.routes["/loop-a"] = redirect("/loop-b")
+    web.routes["/loop-b"] = redirect("/loop-a")
+    web.routes["/tiny.png"] = image(_png((20, 20)), "image/png")
+    web.routes["/broken.jpg"] = image(jpeg(514)[:5000])
+    listing = tmp_path / "urls.csv"
+    rows = [
+        "category,url",
+        "# my cats",
+        f"cat,{good[0]}",
+        f"cat,{web.url('/flaky.jpg')}",
+        f"cat,{web.url('/busy.jpg')}",
+        f"cat,{web.url('/slow.jpg')}",
+        f"cat,{web.url('/page.jpg')}",
+        f"cat,{web.url('/huge.jpg')}",
+        f"cat,{web.url('/endless.jpg')}",
+        f"cat,{web.url('/loop-a')}",
+        f"cat,{web.url('/tiny.png')}",
+        f"cat,{web.url('/broken.jpg')}",
+        f"cat,{web.url('/nothing.jpg')}",
+        "cat,ftp://127.0.0.1/cat.jpg",
+        "",
+        f"dog,{good[1]}",
+        f"dog,{good[1]}",
+        f"dog,{good[2]}?a=1,2",
+    ]
+    listing.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    web.routes["/img/u2.jpg?a=1,2"] = web.routes["/img/u2.jpg"]
+
+    report, text = run_gather(workspace, urls_file=listing)  # source and categories come from the file
+
+    assert [item.category for item in report.categories] == ["cat", "dog"]
+    cat = report.categories[0]
+    assert cat.kept == 3  # u0, flaky after a retry, busy after Retry-After
+    assert dict(cat.skipped) == {
+        "timeout": 1,
+        "not an image (HTML page)": 1,
+        "too large (over 0.286 MB)": 2,
+        "redirect loop": 1,
+        "too small (under 64 px)": 1,
+        "truncated or corrupt image data": 1,
+        "HTTP 404": 1,
+        "not an http(s) URL": 1,
+    }
+    assert report.categories[1].kept == 2
+    assert web.hits["/img/u1.jpg"] == 1  # the repeated row is not fetched twice
+    assert no_partial_files(workspace)
+    for row in manifest(workspace):
+        assert inspect(workspace.images / row["file"]).width >= 64
+
+
+def _png(size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 10, 10)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_a_text_file_of_urls_for_one_category(web: Web, workspace: Workspace, tmp_path: Path) -> None:
+    urls = [web.add_image(f"t{i}.jpg", jpeg(600 + i)) for i in range(3)]
+    listing = tmp_path / "cats.txt"
+    listing.write_text("\n".join(urls) + "\n", encoding="utf-8")
+    report, _ = run_gather(workspace, categories=("cat",), urls_file=listing, limit=2)
+    assert len(stored(workspace, "cat")) == 2
+    assert web.hits["/img/t2.jpg"] == 0
+
+
+@pytest.mark.parametrize(
+    ("content", "categories", "message"),
+    [
+        ("cat,\n", ("cat", "dog"), "line 1: expected category,url"),
+        (
+            "cat,http://127.0.0.1/a.jpg\nhorse,http://127.0.0.1/b.jpg\n",
+            ("cat", "dog"),
+            "line 2: category 'horse'",
+        ),
+        ("http://127.0.0.1/a.jpg\n", ("cat", "dog"), "line 1: 'http://127.0.0.1/a.jpg' has no category"),
+        ("category,url\n# nothing yet\n", (), "lists no URLs"),
+    ],
+)
+def test_bad_url_lists_are_one_clear_error(
+    content: str, categories: tuple, message: str, workspace: Workspace, tmp_path: Path
+) -> None:
+    listing = tmp_path / "urls.csv"
+    listing.write_text(content, encoding="utf-8")
+    with pytest.raises(UserError, match=message):
+        run_gather(workspace, categories=categories, urls_file=listing)
+
+
+def _photo_folder(root: Path) -> dict[str, bytes]:
+    files = {
+        "cat/one.jpg": jpeg(700),
+        "cat/two.JPG": jpeg(701),
+        "cat/nested/three.jpg": jpeg(702),
+        "cat/Thumbs.db": b"junk",
+        "cat/.hidden.jpg": jpeg(703),
+        "cat/notes.txt": b"not a photo",
+        "cat/page.jpg": b"<html><body>saved the page, not the image</body></html>",
+        "dog/one.jpg": jpeg(710),
+        "dog/same-as-cat.jpg": jpeg(700),
+        "dog/tiny.png": _png((30, 30)),
+        "__MACOSX/cat/._one.jpg": b"\0\5\26\7",
+    }
+    for name, body in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(body)
+    return files
+
+
+def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    return {
+        path.relative_to(root).as_posix(): (path.read_bytes(), path.stat().st_mtime_ns)
+        for path in root.rglob("*")
+        if path.is_file()
+    }
+
+
+def test_folder_import_checks_everything_and_never_touches_the_originals(
+    workspace: Workspace, tmp_path: Path
+) -> None:
+    source = tmp_path / "my photos"
+    _photo_folder(source)
+    before = _snapshot(source)
+
+    report, text = run_gather(workspace, from_path=source)
+
+    assert _snapshot(source) == before
+    assert [item.category for item in report.categories] == ["cat", "dog"]
+    assert len(stored(workspace, "cat")) == 3
+    assert len(stored(workspace, "dog")) == 1
+    cat, dog = report.categories
+    assert cat.skipped == {"not an image (unrecognised file format)": 1, "not an image (an HTML page)": 1}
+    assert dog.skipped == {"duplicate": 1, "too small (under 64 px)": 1}
+    rows = manifest(workspace)
+    assert {row["source"] for row in rows} == {"folder"}
+    assert str((source / "cat" / "one.jpg").resolve()) in {row["url"] for row in rows}
+
+
+def test_zip_import_with_a_wrapping_folder_and_hostile_names(workspace: Workspace, tmp_path: Path) -> None:
+    archive = tmp_path / "pets.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        bundle.writestr("pets/cat/a.jpg", jpeg(800))
+        bundle.writestr("pets/cat/b.jpg", jpeg(801))
+        bundle.writestr("pets/dog/c.jpg", jpeg(802))
+        bundle.writestr("pets/dog/big.jpg", jpeg(803, (1400, 1400)))
+        bundle.writestr("pets/dog/broken.jpg", jpeg(804)[:5000])
+        bundle.writestr("__MACOSX/pets/cat/._a.jpg", b"\0\5\26\7")
+        bundle.writestr("pets/../../escaped.jpg", jpeg(805))
+        bundle.writestr("/absolute.jpg", jpeg(806))
+    before = archive.read_bytes()
+
+    report, text = run_gather(workspace, from_path=archive)
+
+    assert archive.read_bytes() == before
+    assert [item.category for item in report.categories] == ["cat", "dog"]
+    assert len(stored(workspace, "cat")) == 2
+    assert len(stored(workspace, "dog")) == 1
+    dog = report.categories[1]
+    assert dog.skipped["truncated or corrupt image data"] == 1
+    assert sum(count for reason, count in dog.skipped.items() if reason.startswith("too large")) == 1
+    assert not list(tmp_path.glob("*.jpg")) and not (workspace.root / "escaped.jpg").exists()
+    assert manifest(workspace)[0]["url"].startswith(f"{archive.resolve()}!/pets/")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"from_path": Path("nowhere")}, "--from nowhere does not exist"),
+        ({"source": "folder"}, "--source folder needs --from"),
+        ({"source": "urls", "categories": ("cat",)}, "--source urls needs --urls"),
+        ({"urls_file": Path("missing.csv")}, "--urls file missing.csv does not exist"),
+        ({"source": "wikimedia"}, "--source wikimedia needs --categories"),
+        ({"categories": ("cat",), "queries": (("dog", "puppy"),)}, "'dog' is not one of --categories"),
+        ({"from_path": Path("."), "queries": (("cat", "x"),)}, "--query only applies to search sources"),
+        ({"source": "wikimedia", "categories": ("cat",), "from_path": Path(".")}, "--from is only read"),
+    ],
+)
+def test_bad_options_are_one_clear_error(options: dict, message: str, workspace: Workspace) -> None:
+    with pytest.raises(UserError, match=message):
+        run_gather(workspace, **options)
+
+
+def test_a_folder_without_the_categories_says_which_it_has(workspace: Workspace, tmp_path: Path) -> None:
+    _photo_folder(tmp_path / "photos")
+    with pytest.raises(UserError, match="no subfolder named horse or cow; its subfolders are cat, dog"):
+        run_gather(workspace, from_path=tmp_path / "photos", categories=("horse", "cow"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Re-runs, user files, limits, concurrency, interruption
+
+
+def test_rerun_continues_without_downloading_again(web: Web, workspace: Workspace) -> None:
+    for i in range(6):
+        web.add_image(f"r{i}.jpg", jpeg(900 + i))
+    web.wiki["cat"] = [Listing(f"r{i}.jpg") for i in range(6)]
+    web.wiki["dog"] = []
+    run_gather(workspace, categories=("cat", "dog"), source="wikimedia", limit=2)
+    assert len(stored(workspace, "cat")) == 2
+
+    mine = workspace.images / "cat" / "my own cat.png"
+    mine.write_bytes(_png((200, 150)))
+    unreadable = workspace.images / "cat" / "broken download.jpg"
+    unreadable.write_bytes(b"\xff\xd8\xff\xe0 not really")
+    report, text = run_gather(workspace, categories=("cat", "dog"), source="wikimedia", limit=4)
+
+    cat = report.categories[0]
+    assert (cat.existing, cat.kept, cat.unusable) == (3, 1, 1)
+    assert cat.skipped["downloaded before"] == 2
+    assert [web.hits[f"/img/r{i}.jpg"] for i in range(6)] == [1, 1, 1, 0, 0, 0]
+    assert mine.read_bytes() == _png((200, 150)) and unreadable.exists()
+    rows = manifest(workspace)
+    assert [row["source"] for row in rows] == ["wikimedia", "wikimedia", "manual", "wikimedia"]
+    assert rows[2]["file"] == "cat/my own cat.png"
+
+    report, text = run_gather(workspace, categories=("cat", "dog"), source="wikimedia", limit=4)
+    assert report.categories[0].kept == 0 and len(manifest(workspace)) == 4
+    assert sum(web.hits[f"/img/r{i}.jpg"] for i in range(6)) == 3
+
+
+def test_a_users_file_is_never_overwritten(web: Web, workspace: Workspace) -> None:
+    body = jpeg(950)
+    url = web.add_image("x.jpg", body)
+    sha = hashlib.sha256(body).hexdigest()
+    folder = workspace.images / "cat"
+    folder.mkdir(parents=True)
+    squatter = folder / f"{sha[:16]}.jpg"
+    squatter.write_bytes(jpeg(951))
+    listing = workspace.root / "urls.txt"
+    listing.write_text(url + "\n")
+    run_gather(workspace, categories=("cat",), urls_file=listing)
+    assert squatter.read_bytes() == jpeg(951)
+    assert (folder / f"{sha}.jpg").read_bytes() == body
+
+
+def test_the_limit_counts_good_images_only(web: Web, workspace: Workspace) -> None:
+    listings = []
+    for i in range(8):
+        if i % 2:
+            web.routes[f"/img/bad{i}.jpg"] = status(500)
+            listings.append(Listing(f"bad{i}.jpg"))
+        else:
+            web.add_image(f"good{i}.jpg", jpeg(1000 + i))
+            listings.append(Listing(f"good{i}.jpg"))
+    web.wiki["cat"] = listings
+    report, _ = run_gather(workspace, categories=("cat",), source="wikimedia", limit=3, workers=1)
+    assert len(stored(workspace, "cat")) == 3
+    assert report.categories[0].skipped == {"HTTP 500": 2}
+    assert [web.hits[f"/img/{item.name}"] for item in listings] == [1, 2, 1, 2, 1, 0, 0, 0]
+
+
+def test_downloads_run_concurrently_but_bounded(web: Web, workspace: Workspace) -> None:
+    for i in range(12):
+        web.routes[f"/img/s{i}.jpg"] = slow(0.15, image(jpeg(1100 + i)))
+    web.wiki["cat"] = [Listing(f"s{i}.jpg") for i in range(12)]
+    web.wiki_batch = 50
+    started = time.monotonic()
+    run_gather(workspace, categories=("cat",), source="wikimedia", limit=12, workers=3)
+    assert len(stored(workspace, "cat")) == 12
+    assert web.max_active == 3
+    assert time.monotonic() - started < 12 * 0.15
+
+
+def test_every_search_failing_is_an_error(web: Web, workspace: Workspace) -> None:
+    web.routes["/v1/images/"] = status(503)
+    with pytest.raises(UserError, match="Openverse search for 'cat' failed: HTTP 503.*check the internet"):
+        run_gather(workspace, categories=("cat", "dog"), source="openverse")
+
+
+def test_a_failed_search_is_reported_when_others_worked(web: Web, workspace: Workspace) -> None:
+    web.add_image("ok.jpg", jpeg(1200))
+    web.openverse["cat"] = [Listing("ok.jpg")]
+    answer = web.routes["/v1/images/"]
+    web.routes["/v1/images/"] = lambda h, q: (status(500) if q["q"] == "dog" else answer)(h, q)
+    report, text = run_gather(workspace, categories=("cat", "dog"), source="openverse")
+    assert "dog: Openverse search for 'dog' failed: HTTP 500" in text
+    assert len(stored(workspace, "cat")) == 1
+
+
+def test_the_manifest_survives_a_cut_off_last_line(web: Web, workspace: Workspace) -> None:
+    web.add_image("m.jpg", jpeg(1300))
+    web.openverse["cat"] = [Listing("m.jpg")]
+    workspace.images.mkdir(parents=True)
+    (workspace.images / "manifest.csv").write_text(",".join(MANIFEST_FIELDS) + "\ncat/abc.jpg,cat,wikim")
+    run_gather(workspace, categories=("cat",), source="openverse")
+    rows = read_manifest(workspace.images / "manifest.csv")
+    assert len(rows) == 1 and rows[0]["url"] == web.url("/img/m.jpg")
+
+
+def test_leftovers_of_a_killed_run_are_cleared_and_nothing_else(workspace: Workspace, tmp_path: Path) -> None:
+    folder = workspace.images / "cat"
+    folder.mkdir(parents=True)
+    (folder / ".gather-0123abcd.part").write_bytes(b"\xff\xd8\xff half")
+    (folder / ".my-notes").write_text("mine")
+    _photo_folder(tmp_path / "photos")
+    run_gather(workspace, from_path=tmp_path / "photos", categories=("cat",))
+    assert not (folder / ".gather-0123abcd.part").exists()
+    assert (folder / ".my-notes").read_text() == "mine"
+
+
+def test_image_reasons_are_short_enough_to_count() -> None:
+    assert image_reason("not an image: an HTML page") == "not an image (an HTML page)"
+    assert image_reason("truncated or corrupt image data (JPEG): broken data stream") == (
+        "truncated or corrupt image data"
+    )
+    assert image_reason("empty file (0 bytes)") == "empty file"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The script
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("gather_images_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--source", "flickr", "--categories", "cat"], "invalid choice: 'flickr'"),
+        (["--urls", "missing.csv"], "error: --urls file missing.csv does not exist"),
+        (["--from", "no/such/folder"], "error: --from no/such/folder does not exist"),
+        (["--categories", "cat", "--query", "cat"], "expected CATEGORY=QUERY"),
+        (["--categories", "cat,../dog"], "bad category name"),
+        (["--categories", "cat,cat"], "category listed twice"),
+        (["--categories", "cat", "--limit", "0"], "expected a number above 0"),
+    ],
+)
+def test_script_bad_input_is_one_line_and_exit_2(
+    argv: list, message: str, workspace: Workspace, capsys: pytest.CaptureFixture
+) -> None:
+    from image_classifier import cli
+
+    script = _load_script()
+    with pytest.raises(SystemExit) as stopped:
+        sys.exit(cli.run_main(script.main, ["--workspace", str(workspace.root), *argv]))
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_script_run_and_ctrl_c_leave_only_whole_images(
+    web: Web, workspace: Workspace, tmp_path: Path
+) -> None:
+    urls = [web.add_image("first.jpg", jpeg(1400))]
+    for i in range(6):
+        web.routes[f"/img/drip{i}.jpg"] = trickle(jpeg(1410 + i, (400, 300)), pause=0.1, pieces=100)
+        urls.append(web.url(f"/img/drip{i}.jpg"))
+    listing = tmp_path / "urls.txt"
+    listing.write_text("\n".join(urls) + "\n")
+    env = {key: value for key, value in os.environ.items() if "proxy" not in key.lower()}
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--workspace", str(workspace.root), "--categories", "cat"]
+        + ["--urls", str(listing), "--workers", "3", "--timeout", "5"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    folder = workspace.images / "cat"
+
+    def kept_one_and_downloading() -> bool:
+        return (workspace.images / "manifest.csv").exists() and bool(list(folder.glob(".gather-*.part")))
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not kept_one_and_downloading():
+        time.sleep(0.05)
+    assert kept_one_and_downloading(), "downloads never started"
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=20)
+    assert process.returncode == 130, err
+    assert "interrupted" in err
+    assert "run the same command again to continue" in out
+    assert no_partial_files(workspace)
+    rows = manifest(workspace)
+    assert [path.name for path in stored(workspace, "cat")] == sorted(Path(row["file"]).name for row in rows)
+    for row in rows:
+        assert inspect(workspace.images / row["file"]).width > 0
