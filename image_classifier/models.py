@@ -192,12 +192,14 @@ def _load_backbone(keras, spec: ModelSpec, image_size: int, weights: str):
         message = str(error)
         url = re.search(r"https?://\S+?\.h5", message)
         if weights == "imagenet" and (url or "fetch" in message.lower() or isinstance(error, OSError)):
-            file = url.group(0).rsplit("/", 1)[-1] if url else f"the {spec.application} no-top weights file"
             cache = Path(keras_home()) / "models"
+            where = (
+                f"download {url.group(0)} elsewhere" if url else f"get the {spec.application} no-top weights"
+            )
             raise UserError(
-                f"could not get ImageNet weights for {spec.name}: {file} is not in {cache} and downloading it "
-                f"failed ({message.splitlines()[0][:160]}); connect to the internet once, or download "
-                f"{file} elsewhere and copy it into {cache}, or pass it with --weights PATH"
+                f"could not download the ImageNet weights for {spec.name} (no internet?); connect once and "
+                f"Keras keeps them in {cache}, or {where} and put the file in {cache}, or pass a weights "
+                "file with --weights PATH"
             ) from None
         if weights not in ("imagenet", "none"):
             raise UserError(
@@ -241,7 +243,12 @@ def build_model(
     if spec.family == "cnn":
         for i, filters in enumerate((32, 64, 128, 128), start=1):
             x = keras.layers.Conv2D(
-                filters, 3, activation="relu", kernel_regularizer=_regularizer(keras, l2), name=f"conv_{i}"
+                filters,
+                3,
+                padding="same",
+                activation="relu",
+                kernel_regularizer=_regularizer(keras, l2),
+                name=f"conv_{i}",
             )(x)
             x = keras.layers.MaxPooling2D(2, name=f"pool_{i}")(x)
     x = keras.layers.Flatten(name="flatten")(x)
@@ -278,3 +285,28 @@ def load_model(path: Path):
     from .tf_env import import_keras
 
     return import_keras().models.load_model(path)
+
+
+def show_architecture(
+    spec: ModelSpec, num_classes: int, image_size: int, diagram: Path, dense_units=None, print_fn=print
+) -> Path | None:
+    """Print model.summary() and draw the diagram with keras.utils.plot_model when Graphviz is installed."""
+    from .tf_env import import_keras
+
+    keras = import_keras()
+    built = build_model(spec, num_classes, image_size, dense_units=dense_units)
+    built.model.summary(print_fn=print_fn, expand_nested=False)
+    if built.backbone is not None:
+        print_fn(
+            f"The backbone {spec.application} has {len(built.backbone.layers)} layers (--fine-tune-layers counts these)."
+        )
+    try:
+        diagram.parent.mkdir(parents=True, exist_ok=True)
+        keras.utils.plot_model(
+            built.model, to_file=str(diagram), show_shapes=True, show_layer_names=True, dpi=96
+        )
+    except ImportError as error:
+        print_fn(f"No diagram: {error} (on Debian/Ubuntu: apt-get install graphviz)")
+        return None
+    print_fn(f"Diagram saved to: {diagram}")
+    return diagram
