@@ -361,7 +361,8 @@ def _check_counts(files: list[SourceFile], options: PreprocessOptions) -> None:
         mine = [f for f in files if f.label == label]
         usable = sum(f.status == "ok" for f in mine)
         lost = Counter(f.status for f in mine if f.status != "ok")
-        detail = ", ".join(f"{count} {status}" for status, count in sorted(lost.items())) or "none unusable"
+        detail = ", ".join(f"{count} {status}" for status, count in sorted(lost.items()))
+        detail = f" ({detail})" if detail else ""
         folder = options.images_dir / category
         if mine and mine[0].given_split:
             for split in SPLITS:
@@ -372,7 +373,7 @@ def _check_counts(files: list[SourceFile], options: PreprocessOptions) -> None:
                     )
         elif usable < MIN_IMAGES_PER_CLASS:
             raise UserError(
-                f"category {category!r} has only {usable} usable images ({detail}); at least "
+                f"category {category!r} has only {usable} usable images{detail}; at least "
                 f"{MIN_IMAGES_PER_CLASS} are needed to split into train, validation and test: add images to {folder}"
             )
 

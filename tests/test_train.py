@@ -1,0 +1,268 @@
+"""The training stage as users run it: the run folder, the printed report, every option, bad input."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ANIMALS, SHARED_WEIGHTS, make_image_folders, run_script, tree_digest
+
+from image_classifier.config import Workspace
+from image_classifier.train import TrainConfig, train
+
+RUN_FILES = {
+    "model.keras",
+    "labels.json",
+    "config.json",
+    "history.pickle",
+    "history.json",
+    "metrics.json",
+    "confusion_matrix.png",
+    "training_log.csv",
+    "test_predictions.csv",
+    "logs",
+}
+
+
+def quiet(*_args) -> None:
+    pass
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    """Three generated categories of 20 photos: 16 train, 2 validation and 2 test each."""
+    return make_image_folders(tmp_path / "images", {"red": 20, "blue": 20, "green": 20})
+
+
+def test_cnn_run_folder_is_complete_and_readable(images, tmp_path):
+    workspace = Workspace(tmp_path / "ws")
+    lines: list[str] = []
+    config = TrainConfig(
+        categories=("red", "blue", "green"),
+        images_dir=images,
+        model="cnn",
+        image_size=32,
+        epochs=3,
+        workers=1,
+    )
+    run = train(config, workspace, print_fn=lambda *parts: lines.append(" ".join(map(str, parts))))
+
+    assert RUN_FILES <= {p.name for p in run.iterdir()}
+    assert (workspace.runs / "latest").resolve() == run.resolve()
+    assert run.name.endswith("-cnn")
+    assert json.loads((run / "labels.json").read_text()) == ["red", "blue", "green"]
+    history = pickle.loads((run / "history.pickle").read_bytes())
+    assert isinstance(history, dict) and {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(history)
+    assert len(history["loss"]) == 3
+    assert json.loads((run / "history.json").read_text()) == history
+    config_json = json.loads((run / "config.json").read_text())
+    assert config_json["options"]["image_size"] == 32 and config_json["options"]["model"] == "cnn"
+    assert config_json["options"]["weights"] == "none" and config_json["options"]["dropout"] == 0.5
+    assert {"tensorflow", "keras", "numpy", "python"} <= set(config_json["versions"]) | {"tensorflow"}
+    assert len(config_json["data"]["fingerprint"]) == 64
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test_count"] == 6 and set(metrics["per_class"]) == {"red", "blue", "green"}
+    assert np.array(metrics["confusion_matrix"]["matrix"]).sum() == 6
+    assert list((run / "logs" / "train").glob("events.out.tfevents.*"))
+    text = "\n".join(lines)
+    assert re.search(r"^Test loss: \d+\.\d+$", text, re.M)
+    assert re.search(r"^Test accuracy: \d\.\d+$", text, re.M)
+    assert re.search(rf"^Run saved to: {re.escape(str(run))}$", text, re.M)
+    assert "precision" in text and "recall" in text
+
+
+def test_mlp_learns_the_generated_colours(images, tmp_path):
+    config = TrainConfig(
+        categories=("red", "blue", "green"), images_dir=images, model="mlp", image_size=16, workers=1
+    )
+    run = train(config, Workspace(tmp_path / "ws"), print_fn=quiet)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test_accuracy"] >= 5 / 6
+
+
+def test_transfer_learning_with_every_option(images, tmp_path, keras_home):
+    workspace = Workspace(tmp_path / "ws")
+    lines: list[str] = []
+    config = TrainConfig(
+        categories=("red", "blue", "green"),
+        images_dir=images,
+        model="mobilenet_v2",
+        image_size=96,
+        epochs=2,
+        batch_size=8,
+        optimizer="sgd",
+        learning_rate=0.01,
+        dropout=0.1,
+        dense_units=(16,),
+        l2=1e-4,
+        augment=True,
+        fine_tune_layers=10,
+        fine_tune_epochs=2,
+        early_stopping=0,
+        class_weight="auto",
+        seed=3,
+        resize="pad",
+        workers=1,
+    )
+    run = train(config, workspace, print_fn=lambda *parts: lines.append(" ".join(map(str, parts))))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["training"]["fine_tune_start_epoch"] == 2
+    assert metrics["training"]["epochs_run"] == 4
+    assert len(pickle.loads((run / "history.pickle").read_bytes())["loss"]) == 4
+    text = "\n".join(lines)
+    assert "Phase 2: fine-tuning the top 10 backbone layers" in text
+    assert "computing" not in text, "augmentation trains on images, not cached features"
+    options = json.loads((run / "config.json").read_text())["options"]
+    assert options["fine_tune_learning_rate"] == pytest.approx(0.001)
+    assert options["resize"] == "pad" and options["augment"] is True
+
+
+def test_cached_features_and_weights_from_a_file(images, tmp_path):
+    weights = next(SHARED_WEIGHTS.glob("*_224_no_top.h5"))
+    lines: list[str] = []
+    config = TrainConfig(
+        categories=("red", "blue", "green"),
+        images_dir=images,
+        image_size=96,
+        epochs=4,
+        weights=str(weights),
+        workers=1,
+    )
+    run = train(
+        config, Workspace(tmp_path / "ws"), print_fn=lambda *parts: lines.append(" ".join(map(str, parts)))
+    )
+    assert "Phase 1: computing mobilenet_v2 features once for 54 images" in "\n".join(lines)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test_accuracy"] >= 5 / 6
+    assert json.loads((run / "config.json").read_text())["options"]["weights"] == str(weights)
+
+
+@pytest.fixture
+def workspace_with_history(images, tmp_path) -> Path:
+    """A workspace that already holds a run and a dataset, to prove errors leave it alone."""
+    root = tmp_path / "ws"
+    (root / "runs" / "20250101-000000-cnn").mkdir(parents=True)
+    (root / "runs" / "20250101-000000-cnn" / "model.keras").write_bytes(b"earlier work")
+    (root / "datasets" / "old").mkdir(parents=True)
+    (root / "datasets" / "old" / "dataset.json").write_text("{}")
+    return root
+
+
+BAD_INPUTS = [
+    (["--categories", "red"], "at least 2 categories"),
+    (["--categories", "red,purple"], "no folder for category 'purple'"),
+    (["--categories", "red,blue", "--model", "alexnet"], "invalid choice: 'alexnet'"),
+    (
+        ["--categories", "red,blue", "--model", "inception_v3", "--image-size", "64"],
+        "inception_v3 cannot take 64x64",
+    ),
+    (
+        ["--categories", "red,blue", "--weights", "/no/such/file.h5"],
+        "weights file /no/such/file.h5 does not exist",
+    ),
+    (["--categories", "red,blue", "--model", "cnn", "--weights", "imagenet"], "learns from scratch"),
+    (["--categories", "red,blue", "--dropout", "1.5"], "--dropout"),
+    (["--categories", "red,blue", "--split", "0.9,0.1"], "three"),
+    (["--categories", "red,empty"], "is empty"),
+    (["--categories", "red,few"], "only 3 usable images"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_input_is_one_line_and_exit_2(images, workspace_with_history, tmp_path, args, message):
+    (images / "empty").mkdir()
+    make_image_folders(images, {"x": 0, "y": 0, "few": 3})
+    before = tree_digest(workspace_with_history)
+    result = run_script(
+        "machine_learning.py", *args, "--images-dir", str(images), "--workspace", str(workspace_with_history),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0] == result.stderr.strip().splitlines()[-1], result.stderr
+    assert message in errors[0]
+    if "usable" not in message:  # everything else is caught before any image is decoded
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert tree_digest(workspace_with_history) == before
+
+
+def test_unreadable_weights_file(images, workspace_with_history, tmp_path):
+    broken = tmp_path / "broken.h5"
+    broken.write_bytes(b"this is not HDF5")
+    before = tree_digest(workspace_with_history)
+    result = run_script(
+        "machine_learning.py", "--categories", "red,blue", "--image-size", "96", "--weights", str(broken),
+        "--images-dir", str(images), "--workspace", str(workspace_with_history), cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and f"could not load weights file {broken}" in error_lines[0]
+    assert not list((workspace_with_history / "runs").glob("*-mobilenet_v2"))
+    assert tree_digest(workspace_with_history).items() >= before.items()
+
+
+def test_missing_imagenet_weights_name_the_file_and_the_way_out(images, tmp_path):
+    empty_home = tmp_path / "keras-home"
+    empty_home.mkdir()
+    result = run_script(
+        "machine_learning.py", "--categories", "red,blue", "--image-size", "128", "--images-dir", str(images),
+        "--workspace", str(tmp_path / "ws"), cwd=tmp_path,
+        # a closed local port: the download fails at once, through Keras's real loader
+        env={"KERAS_HOME": str(empty_home), "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"},
+    )  # fmt: skip
+    assert result.returncode == 2
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1
+    assert "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_128_no_top.h5" in error[0]
+    assert str(empty_home / "models") in error[0] and "--weights PATH" in error[0]
+    assert not (tmp_path / "ws" / "runs").exists()
+
+
+def test_help_documents_every_option(tmp_path):
+    result = run_script("machine_learning.py", "--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for option in (
+        "--categories", "--images-dir", "--workspace", "--model", "--epochs", "--batch-size", "--image-size",
+        "--optimizer", "--learning-rate", "--dropout", "--dense-units", "--l2", "--augment", "--fine-tune-layers",
+        "--fine-tune-epochs", "--early-stopping", "--class-weight", "--seed", "--weights",
+    ):  # fmt: skip
+        assert option in result.stdout
+    assert "efficientnet_v2_s" in result.stdout and "convnext_tiny" in result.stdout
+
+
+def test_workspace_comes_from_the_environment(images, tmp_path):
+    result = run_script(
+        "machine_learning.py", "--categories", "red,blue,green", "--model", "mlp", "--image-size", "16",
+        "--epochs", "2", "--images-dir", str(images), cwd=tmp_path, env={"WORKSPACE": str(tmp_path / "from-env")},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "from-env" / "runs" / "latest" / "model.keras").is_file()
+
+
+def test_summary_prints_layers_and_draws_the_diagram(tmp_path):
+    result = run_script(
+        "summary.py", "--model", "cnn", "--image-size", "64", "--categories", "a,b,c", "--workspace", str(tmp_path),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "conv_4" in result.stdout and "Total params" in result.stdout
+    diagram = tmp_path / "summaries" / "cnn.png"
+    assert diagram.is_file() and diagram.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", result.stdout
+
+
+@pytest.mark.slow
+def test_default_command_on_real_photos(tmp_path):
+    """The README's main job on 96 real photos of cats, dogs and horses, with the shared weights."""
+    result = run_script(
+        "machine_learning.py", "--categories", "cat,dog,horse", "--images-dir", str(ANIMALS),
+        "--workspace", str(tmp_path / "ws"), cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    accuracy = float(re.search(r"^Test accuracy: (\S+)$", result.stdout, re.M).group(1))
+    assert accuracy >= 0.75, result.stdout  # chance is 0.33
+    run = Path(re.search(r"^Run saved to: (.+)$", result.stdout, re.M).group(1))
+    assert RUN_FILES <= {p.name for p in run.iterdir()}
