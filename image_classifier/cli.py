@@ -12,6 +12,21 @@ from .errors import UserError
 from .splits import parse_fractions
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only when there is one and the help text does not already explain it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            action.default is None
+            or action.default is False
+            or action.default == argparse.SUPPRESS
+            or "(default" in text
+        ):
+            return text
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with one-line errors (exit 2), like every other bad input in the project."""
 
@@ -20,7 +35,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def make_parser(description: str) -> ArgumentParser:
-    parser = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=description, formatter_class=HelpFormatter)
     parser.add_argument(
         "--workspace",
         type=Path,
@@ -56,26 +71,6 @@ def int_list_arg(text: str) -> list[int]:
     return values
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number above 0, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
-    return value
-
-
 def fractions_arg(text: str) -> tuple[float, float, float]:
     try:
         return parse_fractions(text)
@@ -83,24 +78,66 @@ def fractions_arg(text: str) -> tuple[float, float, float]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def probability_arg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 up to (not including) 1, got {value}")
-    return value
+def _number(convert: Callable[[str], float], accept: Callable[[float], bool], expected: str):
+    """An argparse type: `convert` the text, then check it, both failing with `expected` in the message."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+
+    return parse
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number above 0, got {value}")
-    return value
+positive_int = _number(int, lambda value: value > 0, "a whole number above 0")
+non_negative_int = _number(int, lambda value: value >= 0, "a whole number, 0 or more")
+positive_float = _number(float, lambda value: value > 0, "a number above 0")
+probability_arg = _number(float, lambda value: 0 <= value < 1, "a number from 0 up to (not including) 1")
+
+
+def add_data_arguments(
+    parser, image_size_default: int | None = None, image_size_help: str = "side in pixels"
+) -> None:
+    """The options that decide the arrays, shared by preprocessing and training so they never disagree."""
+    from .images import RESIZE_MODES
+    from .preprocess import DEFAULT_RESIZE, DEFAULT_SPLIT
+
+    parser.add_argument(
+        "--categories", type=categories_arg, required=True, help="2 or more, like cat,dog,horse"
+    )
+    parser.add_argument(
+        "--images-dir",
+        type=Path,
+        help="one subfolder of photos per category; with train/, validation/ and test/ subfolders those splits "
+        "are used as given (default: WORKSPACE/images)",
+    )
+    parser.add_argument("--image-size", type=positive_int, default=image_size_default, help=image_size_help)
+    parser.add_argument(
+        "--resize",
+        choices=RESIZE_MODES,
+        default=DEFAULT_RESIZE,
+        help="fit photos to a square: centre crop, squash (stretch), or pad with black",
+    )
+    parser.add_argument(
+        "--split",
+        type=fractions_arg,
+        default=DEFAULT_SPLIT,
+        metavar="TRAIN,VAL,TEST",
+        help="shares for train, validation and test, stratified per category (default: 0.8,0.1,0.1)",
+    )
+    parser.add_argument(
+        "--dedupe",
+        choices=("exact", "near"),
+        default="exact",
+        help="identical files are always kept once; 'near' also drops look-alikes",
+    )
+    parser.add_argument(
+        "--workers", type=non_negative_int, default=0, help="processes decoding images (0: one per CPU core)"
+    )
 
 
 def workspace_of(args: argparse.Namespace) -> Workspace:

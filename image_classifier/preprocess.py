@@ -317,7 +317,7 @@ def find_near_duplicates(
         return []
     values = np.array([int(h, 16) for h in hashes], dtype=np.uint64)
     pairs = []
-    block = 512
+    block = 256
     for start in range(0, len(values), block):
         chunk = values[start : start + block]
         distances = np.bitwise_count(chunk[:, None] ^ values[None, :])

@@ -8,10 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from image_classifier import cli
-from image_classifier.images import RESIZE_MODES
 from image_classifier.models import DEFAULT_MODEL, REGISTRY
 from image_classifier.train import OPTIMIZERS, TrainConfig, train
 
@@ -19,44 +17,9 @@ from image_classifier.train import OPTIMIZERS, TrainConfig, train
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.make_parser(__doc__.strip().splitlines()[0])
     data = parser.add_argument_group("data")
-    data.add_argument(
-        "--categories", type=cli.categories_arg, required=True, help="2 or more, like cat,dog,horse"
-    )
-    data.add_argument(
-        "--images-dir",
-        type=Path,
-        help="one subfolder of photos per category; with train/, validation/ and test/ subfolders those splits "
-        "are used as given (default: WORKSPACE/images)",
-    )
-    data.add_argument(
-        "--image-size",
-        type=cli.positive_int,
-        help="side in pixels (default: the model's own, 224 for mobilenet_v2, 64 for mlp, 150 for cnn)",
-    )
-    data.add_argument(
-        "--resize",
-        choices=RESIZE_MODES,
-        default="crop",
-        help="fit photos to a square: centre crop, squash, or pad with black",
-    )
-    data.add_argument(
-        "--split",
-        type=cli.fractions_arg,
-        default=(0.8, 0.1, 0.1),
-        metavar="TRAIN,VAL,TEST",
-        help="shares for train, validation and test, stratified per category",
-    )
-    data.add_argument(
-        "--dedupe",
-        choices=("exact", "near"),
-        default="exact",
-        help="identical files are always kept once; 'near' also drops look-alikes",
-    )
-    data.add_argument(
-        "--workers",
-        type=cli.non_negative_int,
-        default=0,
-        help="processes decoding images (0: one per CPU core)",
+    cli.add_data_arguments(
+        data,
+        image_size_help="side in pixels (default: the model's own, 224 for mobilenet_v2, 64 for mlp, 150 for cnn)",
     )
 
     model = parser.add_argument_group("model")
@@ -93,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="most epochs of the first phase (default: 20 "
         "for backbones, 30 for mlp and cnn); early stopping may end sooner",
     )
-    training.add_argument("--batch-size", type=cli.positive_int, default=32)
-    training.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    training.add_argument("--batch-size", type=cli.positive_int, default=32, help="images per training step")
+    training.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="sgd uses momentum 0.9")
     training.add_argument("--learning-rate", type=cli.positive_float, help="(default: 0.001)")
     training.add_argument(
         "--augment",
