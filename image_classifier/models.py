@@ -216,7 +216,7 @@ def build_model(
     num_classes: int,
     image_size: int,
     *,
-    resize: str = "crop",
+    resize: str = "squash",
     weights: str = "none",
     dropout: float | None = None,
     dense_units=None,

@@ -32,7 +32,7 @@ from .images import RESIZE_MODES, ImageError, list_image_files, load_array
 from .splits import MIN_IMAGES_PER_CLASS, SPLITS, SplitItem, assign_splits
 
 DEFAULT_IMAGE_SIZE = 224
-DEFAULT_RESIZE = "crop"
+DEFAULT_RESIZE = "squash"
 DEFAULT_SPLIT = (0.8, 0.1, 0.1)
 NEAR_DUPLICATE_BITS = 4
 """Perceptual hashes (64 bits) this close or closer count as near-duplicates."""
