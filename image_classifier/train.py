@@ -180,6 +180,7 @@ def train_on_dataset(config: TrainConfig, dataset: Dataset, workspace: Workspace
     from .models import build_model, unfreeze_top
     from .pipeline import image_batches, images_only, make_augmenter
     from .runs import create_run, mark_latest, save_model_atomic, write_json, write_pickle
+    from .tensorboard_logging import log_run_summaries
     from .tf_env import import_keras
 
     keras = import_keras()
@@ -319,6 +320,7 @@ def train_on_dataset(config: TrainConfig, dataset: Dataset, workspace: Workspace
     _write_predictions(run / "test_predictions.csv", dataset, probabilities, np.asarray(y_test), labels)
     plot_confusion_matrix(metrics, run / "confusion_matrix.png")
     mark_latest(workspace, run)
+    log_run_summaries(run)
 
     phases = (
         f"{fine_tune_start} + {len(history['loss']) - fine_tune_start}"
