@@ -1,0 +1,372 @@
+"""Use a trained run: image files, folders and URLs in, the top-k labels with probabilities out.
+
+Each image is decoded and resized exactly as preprocessing made the training arrays (images.load_array:
+EXIF orientation, any mode to RGB, JPEG draft decoding, the run's --image-size and --resize). The saved
+model would accept the photo at any size, but its own TensorFlow resize is not the Pillow resize the
+training arrays were made with; resizing here first keeps predictions identical to the test-set
+evaluation, lets a folder go through the model in equal-sized batches, and makes the model's resize
+layer an exact no-op. A file that cannot be used is reported with its reason and the rest go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+import tempfile
+import uuid
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+from .config import Workspace
+from .download import Cancelled, FetchError, FetchPolicy, HttpClient
+from .errors import UserError
+from .images import ImageError, list_image_files, load_array
+from .runs import resolve_run
+
+OUTPUTS = ("table", "json", "csv")
+DEFAULT_TOP_K = 3
+DEFAULT_BATCH_SIZE = 32
+READ_THREADS = 2
+"""Decoding and downloading run beside the model, one batch ahead (Pillow and sockets release the GIL)."""
+URL_PREFIXES = ("http://", "https://")
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """What using a run needs from its folder, read without TensorFlow so bad input fails fast."""
+
+    path: Path
+    labels: list[str]
+    image_size: int
+    resize: str
+    dataset: str | None
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / "model.keras"
+
+
+def load_run(workspace: Workspace, name: str | Path = "latest") -> TrainedRun:
+    """The run named like --run (latest, a folder name or a path), with its labels and input options."""
+    path = resolve_run(workspace, name)
+    try:
+        labels = json.loads((path / "labels.json").read_text(encoding="utf-8"))
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        options = config["options"]
+        image_size, resize = int(options["image_size"]), str(options["resize"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(
+            f"run folder {path} is incomplete ({type(error).__name__}: {error}); train again with "
+            "scripts/machine_learning.py"
+        ) from None
+    dataset = config.get("data", {}).get("dataset")
+    return TrainedRun(path=path, labels=list(labels), image_size=image_size, resize=resize, dataset=dataset)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One thing to predict: a file, or a URL to download first. `name` is how the user wrote it."""
+
+    name: str
+    path: Path | None = None
+    url: str | None = None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    source: str
+    top: list[tuple[str, float]] = field(default_factory=list)
+    """(label, probability), most likely first; empty when the input could not be used."""
+    error: str | None = None
+    uncertain: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def collect_sources(arguments: Sequence[str]) -> list[Source]:
+    """Files as given, folders expanded to their files (recursively), URLs kept for later download.
+
+    A path that does not exist is a mistake in the command, not a bad image: it stops before any work.
+    """
+    sources: list[Source] = []
+    for argument in arguments:
+        if argument.lower().startswith(URL_PREFIXES):
+            sources.append(Source(name=argument, url=argument))
+            continue
+        path = Path(argument)
+        if path.is_dir():
+            files = list_image_files(path)
+            if not files:
+                raise UserError(f"folder {path} has no files to predict")
+            sources.extend(Source(name=str(file), path=file) for file in files)
+        elif path.exists():
+            sources.append(Source(name=argument, path=path))
+        else:
+            raise UserError(f"no such file or folder: {argument}")
+    if not sources:
+        raise UserError("nothing to predict; give image files, folders or http(s) URLs")
+    return sources
+
+
+class Predictor:
+    """A run's model, loaded on first use: inputs that are all unreadable never wait for TensorFlow."""
+
+    def __init__(self, run: TrainedRun) -> None:
+        self.run = run
+        self._model = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            from .models import load_model
+
+            model = load_model(self.run.model_path)
+            classes = model.output_shape[-1]
+            if classes != len(self.run.labels):
+                raise UserError(
+                    f"{self.run.model_path} predicts {classes} classes but labels.json names "
+                    f"{len(self.run.labels)}; the run folder is inconsistent, train again"
+                )
+            self._model = model
+        return self._model
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """uint8 images, N x size x size x 3 (as load_array makes them) -> N x classes."""
+        return np.asarray(self.model.predict_on_batch(images.astype(np.float32)))
+
+    def read(self, source: Source, client: HttpClient, downloads: Path) -> np.ndarray | str:
+        """The image as the model's input array, or the reason it cannot be used."""
+        path = source.path
+        try:
+            if source.url is not None:
+                path = downloads / f"{uuid.uuid4().hex}.download"
+                client.download(source.url, path)
+            return load_array(path, self.run.image_size, self.run.resize)  # type: ignore[arg-type]
+        except FetchError as error:
+            return f"download failed: {error}"
+        except ImageError as error:
+            return str(error)
+        except Cancelled:
+            raise
+        except Exception as error:  # one odd file must not stop a folder
+            return f"cannot decode: {type(error).__name__}: {error}"
+        finally:
+            if source.url is not None and path is not None:
+                path.unlink(missing_ok=True)
+
+
+def _batches(items: list[Source], size: int) -> Iterator[list[Source]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def predict_sources(
+    predictor: Predictor,
+    sources: list[Source],
+    *,
+    top_k: int = DEFAULT_TOP_K,
+    threshold: float = 0.0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    policy: FetchPolicy | None = None,
+    progress: bool = False,
+) -> list[Prediction]:
+    """Predictions in the order of `sources`; the next batch is read while the model runs on this one."""
+    from tqdm import tqdm
+
+    labels = predictor.run.labels
+    top_k = min(top_k, len(labels))
+    client = HttpClient(policy or FetchPolicy(timeout=15.0, max_time=60.0, retries=1))
+    results: list[Prediction] = []
+    bar = tqdm(
+        total=len(sources),
+        desc="Predicting",
+        unit="img",
+        file=sys.stderr,
+        mininterval=0.5,
+        disable=not progress,
+    )
+    with (
+        tempfile.TemporaryDirectory(prefix="predict-") as downloads,
+        ThreadPoolExecutor(READ_THREADS) as pool,
+    ):
+        pending: deque[list[tuple[Source, Future]]] = deque()
+
+        def submit(batch: list[Source]) -> None:
+            pending.append(
+                [(source, pool.submit(predictor.read, source, client, Path(downloads))) for source in batch]
+            )
+
+        try:
+            for batch in _batches(sources, batch_size):
+                submit(batch)
+                if len(pending) > 1:
+                    results.extend(_predict_batch(predictor, pending.popleft(), top_k, threshold, bar))
+            while pending:
+                results.extend(_predict_batch(predictor, pending.popleft(), top_k, threshold, bar))
+        except BaseException:
+            client.abort()
+            for batch in pending:
+                for _, future in batch:
+                    future.cancel()
+            raise
+        finally:
+            bar.close()
+    return results
+
+
+def _predict_batch(
+    predictor: Predictor, batch: list[tuple[Source, Future]], top_k: int, threshold: float, bar
+) -> list[Prediction]:
+    read = [(source, future.result()) for source, future in batch]
+    good = [array for _, array in read if isinstance(array, np.ndarray)]
+    probabilities = iter(predictor.probabilities(np.stack(good)) if good else [])
+    labels = predictor.run.labels
+    predictions = []
+    for source, array in read:
+        if isinstance(array, str):
+            predictions.append(Prediction(source=source.name, error=array))
+            continue
+        row = next(probabilities)
+        order = np.argsort(-row, kind="stable")[:top_k]
+        top = [(labels[index], float(row[index])) for index in order]
+        predictions.append(Prediction(source=source.name, top=top, uncertain=top[0][1] < threshold))
+    bar.update(len(batch))
+    return predictions
+
+
+def _percent(probability: float) -> str:
+    return f"{probability * 100:.1f}%"
+
+
+def format_table(predictions: Sequence[Prediction], top_k: int) -> str:
+    """Aligned columns for people: image, then the top-k labels with percentages, then a note."""
+    ranks = max((len(p.top) for p in predictions), default=top_k) or top_k
+    header = ["image", *(f"top {rank}" for rank in range(1, ranks + 1)), "note"]
+    rows = []
+    for prediction in predictions:
+        if prediction.ok:
+            cells = [f"{label} {_percent(p)}" for label, p in prediction.top]
+            cells += [""] * (ranks - len(cells))
+            rows.append([prediction.source, *cells, "uncertain" if prediction.uncertain else ""])
+        else:
+            rows.append([prediction.source, f"skipped: {prediction.error}"])
+    widths = [len(text) for text in header]
+    for row in rows:
+        if len(row) == len(header):
+            widths = [max(width, len(text)) for width, text in zip(widths, row, strict=True)]
+    widths[0] = max(len(header[0]), *(len(row[0]) for row in rows))
+    lines = []
+    for row in [header, *rows]:
+        padded = [text.ljust(width) for text, width in zip(row, widths, strict=False)]
+        lines.append("  ".join(padded[: len(row)]).rstrip())
+    return "\n".join(lines)
+
+
+def format_json(predictions: Sequence[Prediction], run: TrainedRun, threshold: float) -> str:
+    items = []
+    for prediction in predictions:
+        if not prediction.ok:
+            items.append({"input": prediction.source, "error": prediction.error})
+            continue
+        label, probability = prediction.top[0]
+        items.append(
+            {
+                "input": prediction.source,
+                "label": label,
+                "probability": round(probability, 6),
+                "uncertain": prediction.uncertain,
+                "top": [{"label": name, "probability": round(p, 6)} for name, p in prediction.top],
+            }
+        )
+    document = {"run": str(run.path), "labels": run.labels, "threshold": threshold, "predictions": items}
+    return json.dumps(document, indent=1, ensure_ascii=False)
+
+
+def format_csv(predictions: Sequence[Prediction], top_k: int) -> str:
+    """One row per input: label_1, probability_1 ... label_k, probability_k, uncertain, error."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    ranks = range(1, top_k + 1)
+    writer.writerow(
+        [
+            "input",
+            *(f"{what}_{rank}" for rank in ranks for what in ("label", "probability")),
+            "uncertain",
+            "error",
+        ]
+    )
+    for prediction in predictions:
+        cells: list[str] = []
+        for rank in ranks:
+            if rank <= len(prediction.top):
+                label, probability = prediction.top[rank - 1]
+                cells += [label, f"{probability:.6f}"]
+            else:
+                cells += ["", ""]
+        uncertain = "" if not prediction.ok else str(int(prediction.uncertain))
+        writer.writerow([prediction.source, *cells, uncertain, prediction.error or ""])
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    inputs: tuple[str, ...]
+    run: str = "latest"
+    top_k: int = DEFAULT_TOP_K
+    threshold: float = 0.0
+    output: str = "table"
+    batch_size: int = DEFAULT_BATCH_SIZE
+
+
+def run_predict(
+    options: PredictOptions, workspace: Workspace, out: TextIO | None = None, err: TextIO | None = None
+) -> list[Prediction]:
+    """The predict stage: everything the script does, printing to `out` (results) and `err` (summary).
+
+    Exit status is 0 when at least one image got a prediction; when none did, the per-input reasons are
+    still printed and a UserError (exit 2) says so.
+    """
+    out = out or sys.stdout
+    err = err or sys.stderr
+    if options.output not in OUTPUTS:
+        raise UserError(f"unknown output {options.output!r}; choose from {', '.join(OUTPUTS)}")
+    run = load_run(workspace, options.run)
+    sources = collect_sources(options.inputs)
+    predictor = Predictor(run)
+    predictions = predict_sources(
+        predictor,
+        sources,
+        top_k=options.top_k,
+        threshold=options.threshold,
+        batch_size=options.batch_size,
+        progress=len(sources) > options.batch_size,
+    )
+    top_k = min(options.top_k, len(run.labels))
+    if options.output == "json":
+        print(format_json(predictions, run, options.threshold), file=out)
+    elif options.output == "csv":
+        out.write(format_csv(predictions, top_k))
+    else:
+        print(format_table(predictions, top_k), file=out)
+    predicted = sum(p.ok for p in predictions)
+    uncertain = sum(p.ok and p.uncertain for p in predictions)
+    skipped = len(predictions) - predicted
+    if not predicted:
+        raise UserError(f"none of the {skipped} inputs could be used as an image (reasons above)")
+    summary = f"Predicted {predicted} image{'s' if predicted != 1 else ''} with run {run.path.name}"
+    if options.threshold:
+        summary += f"; {uncertain} uncertain (top probability below {_percent(options.threshold)})"
+    if skipped:
+        summary += f"; skipped {skipped} input{'s' if skipped != 1 else ''} that could not be used"
+    print(summary, file=err)
+    return predictions
