@@ -42,7 +42,9 @@ def runs(tmp_path_factory):
     return trained_runs(tmp_path_factory)
 
 
+@pytest.fixture(scope="session")
 def chromium() -> str:
+    """Checked before any training, so a machine without Chromium fails in a second, not a minute."""
     path = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
     if not Path(path).is_file():
         pytest.fail(
@@ -112,13 +114,12 @@ def wait_for_texts(page, texts: list[str], name: str, capsys) -> None:
             pytest.fail(f"{text!r} never appeared on the {name} page (see {shot}): {error}", pytrace=False)
 
 
-def test_tensorboard_shows_the_runs_their_scalars_hparams_and_images(runs, tensorboard, capsys):
+def test_tensorboard_shows_the_runs_their_scalars_hparams_and_images(chromium, runs, tensorboard, capsys):
     from playwright.sync_api import sync_playwright
 
-    executable = chromium()
     transfer, cnn = runs.transfer.name, runs.cnn.name
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
 
