@@ -14,9 +14,10 @@
 
 FROM debian:bookworm-slim AS python
 # Debian's python3 is 3.11 on bookworm. ca-certificates: Keras weight downloads and image search use https.
+# graphviz: the architecture diagrams of scripts/summary.py (about 70 MB).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 ca-certificates \
+    && apt-get install -y --no-install-recommends python3 ca-certificates graphviz \
     && rm -rf /var/lib/apt/lists/*
 
 

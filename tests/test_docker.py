@@ -379,6 +379,19 @@ def test_dockerignore_keeps_data_and_git_out_of_the_build_context(engine, base_i
     assert not [name for name in sent if "__pycache__" in name], sent
 
 
+@pytest.mark.slow
+@needs_engine
+def test_summary_draws_the_architecture_diagram_in_the_container(setup):
+    """scripts/summary.py needs Graphviz's dot inside the image; without it there is no diagram."""
+    result = setup.compose(
+        "run", "--rm", "-T", "ml", "python", "scripts/summary.py", "--model", "cnn", timeout=600
+    )
+    diagram = setup.workspace / "summaries" / "cnn.png"
+    assert diagram.is_file(), tail(result.stdout)
+    assert diagram.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (diagram.stat().st_uid, diagram.stat().st_gid) == (setup.uid, setup.gid)
+
+
 PROBE = """
 import json, sys, time, urllib.error, urllib.request
 
