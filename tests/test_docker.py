@@ -242,10 +242,8 @@ def setup(engine, base_image, tmp_path_factory):
     (s.workspace / "keras" / "models").mkdir(parents=True)
     for weights in WEIGHTS.glob("*.h5"):
         shutil.copy2(weights, s.workspace / "keras" / "models" / weights.name)
-    s.notebook_dir.mkdir()
-    (s.notebook_dir / "probe.ipynb").write_text(
-        json.dumps({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5})
-    )
+    # The project's notebook/ as a user's checkout has it (a copy: Jupyter writes checkpoints next to it).
+    shutil.copytree(s.context / "notebook", s.notebook_dir)
     for path in (s.workspace, s.notebook_dir):
         subprocess.run(["chown", "-R", f"{s.uid}:{s.gid}", str(path)], check=True)
 
@@ -421,7 +419,7 @@ print(body.decode(errors="replace"))
 
 @pytest.mark.slow
 @needs_engine
-def test_tensorboard_and_notebook_serve_the_workspace(setup):
+def test_tensorboard_and_the_history_notebook_serve_the_workspace(setup):
     if not (setup.workspace / "runs" / "latest").exists():
         pytest.skip("needs the run of test_training_in_a_container_writes_the_run_to_the_mounted_workspace")
     run_name = (setup.workspace / "runs" / "latest").resolve().name
@@ -445,8 +443,38 @@ def test_tensorboard_and_notebook_serve_the_workspace(setup):
         )
         names = {item["name"] for item in json.loads(body)["content"]} if status == 200 else set()
         assert run_name in names, f"{status} {body[:500]}"
-        status, body = probe("notebook", "http://127.0.0.1:8888/api/contents/notebook", "probe", setup.token)
-        assert status == 200 and "probe.ipynb" in {item["name"] for item in json.loads(body)["content"]}
+        status, body = probe(
+            "notebook", "http://127.0.0.1:8888/api/contents/notebook", "history", setup.token
+        )
+        assert status == 200 and "history.ipynb" in {item["name"] for item in json.loads(body)["content"]}
+
+        # The history notebook runs top to bottom in the notebook container, on the run trained above.
+        executed = setup.compose(
+            "exec",
+            "-T",
+            "notebook",
+            "jupyter",
+            "nbconvert",
+            "--to",
+            "notebook",
+            "--execute",
+            "--output-dir",
+            "/tmp/executed",
+            "/app/notebook/history.ipynb",
+            timeout=600,
+        )
+        assert "history.ipynb" in executed.stderr + executed.stdout
+        shown = setup.compose(
+            "exec",
+            "-T",
+            "notebook",
+            "python",
+            "-c",
+            "import json; nb = json.load(open('/tmp/executed/history.ipynb'));"
+            "print(''.join(''.join(o.get('text', '')) for c in nb['cells'] for o in c.get('outputs', [])))",
+            timeout=120,
+        ).stdout
+        assert "run folder:" in shown and run_name in shown, shown[-2000:]
     except BaseException:
         logs = setup.compose("logs", "--no-color", "--tail", "40", timeout=60, check=False)
         docker_env.log(f"service logs:\n{logs.stdout}{logs.stderr}")
