@@ -141,10 +141,10 @@ def _class_weights(config: TrainConfig, y: np.ndarray, classes: int) -> dict | N
 
 def _callbacks(keras, run: Path, checkpoint, patience: int, extra=()):
     callbacks = [
+        *extra,  # first, so what they add to the logs reaches TensorBoard and the CSV
         keras.callbacks.TensorBoard(log_dir=str(run / "logs")),
         keras.callbacks.CSVLogger(str(run / "training_log.csv"), append=True),
         checkpoint,
-        *extra,
     ]
     if patience > 0:
         callbacks.append(
@@ -268,6 +268,7 @@ def train_on_dataset(config: TrainConfig, dataset: Dataset, workspace: Workspace
             epochs=config.epochs,
             validation_data=val_batches,
             class_weight=class_weight,
+            shuffle=False,  # the tf.data pipeline reshuffles every epoch itself
             callbacks=_callbacks(keras, run, checkpoint, config.early_stopping, [timer]),
             verbose=2,
         )
@@ -296,6 +297,7 @@ def train_on_dataset(config: TrainConfig, dataset: Dataset, workspace: Workspace
             initial_epoch=fine_tune_start,
             validation_data=val_batches,
             class_weight=class_weight,
+            shuffle=False,  # the tf.data pipeline reshuffles every epoch itself
             callbacks=_callbacks(keras, run, checkpoint, config.early_stopping, [timer]),
             verbose=2,
         )

@@ -128,7 +128,7 @@ def test_cached_features_and_weights_from_a_file(images, tmp_path):
         categories=("red", "blue", "green"),
         images_dir=images,
         image_size=96,
-        epochs=4,
+        epochs=25,
         weights=str(weights),
         workers=1,
     )
