@@ -15,7 +15,12 @@ from image_classifier.predict import DEFAULT_BATCH_SIZE, DEFAULT_TOP_K, PredictO
 
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.make_parser(__doc__.strip().splitlines()[0])
-    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER_OR_URL")
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="IMAGE_OR_FOLDER_OR_URL",
+        help="image files, folders (read recursively, in batches) or http(s) URLs",
+    )
     parser.add_argument(
         "--run",
         default="latest",
@@ -32,9 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="mark predictions whose top probability is below P (like 0.6) as uncertain",
     )
     output = parser.add_mutually_exclusive_group()
-    output.add_argument("--json", dest="output", action="store_const", const="json", help="JSON for programs")
     output.add_argument(
-        "--csv", dest="output", action="store_const", const="csv", help="CSV, one row per input"
+        "--json",
+        dest="output",
+        action="store_const",
+        const="json",
+        help="JSON for programs (default: an aligned table for people)",
+    )
+    output.add_argument(
+        "--csv",
+        dest="output",
+        action="store_const",
+        const="csv",
+        help="CSV, one row per input (default: the table)",
     )
     parser.set_defaults(output="table")
     parser.add_argument(
