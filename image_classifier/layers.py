@@ -41,3 +41,35 @@ class InputPreprocessing(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "mode": self.mode}
+
+
+@keras.saving.register_keras_serializable(package="image_classifier")
+class SquareResize(keras.layers.Layer):
+    """Resize any image to `size` x `size` the way preprocessing made the training arrays.
+
+    Keras's own Resizing layer defaults to training=True, and a Functional model hands that value on to
+    every later layer, so `model(x)` would run dropout; this layer has no training behaviour at all.
+    """
+
+    def __init__(self, size: int, mode: str = "squash", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in ("squash", "crop", "pad"):
+            raise ValueError(f"unknown resize mode {mode!r}")
+        self.size = size
+        self.mode = mode
+
+    def call(self, inputs):
+        return ops.image.resize(
+            ops.cast(inputs, "float32"),
+            (self.size, self.size),
+            interpolation="bilinear",
+            antialias=True,
+            crop_to_aspect_ratio=self.mode == "crop",
+            pad_to_aspect_ratio=self.mode == "pad",
+        )
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.size, self.size, input_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "size": self.size, "mode": self.mode}

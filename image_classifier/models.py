@@ -169,18 +169,10 @@ def build_head(keras, feature_dim: int, num_classes: int, dense_units, dropout: 
 
 def _resized_input(keras, image_size: int, resize: str):
     """Any-size RGB input, resized the way preprocessing resized the training images."""
-    from .layers import InputPreprocessing  # noqa: F401  (registers the layer)
+    from .layers import SquareResize
 
     inputs = keras.Input((None, None, 3), name="image")
-    resized = keras.layers.Resizing(
-        image_size,
-        image_size,
-        crop_to_aspect_ratio=resize == "crop",
-        pad_to_aspect_ratio=resize == "pad",
-        antialias=True,
-        name="resize",
-    )(inputs)
-    return inputs, resized
+    return inputs, SquareResize(image_size, resize, name="resize")(inputs)
 
 
 def _load_backbone(keras, spec: ModelSpec, image_size: int, weights: str):

@@ -79,6 +79,26 @@ def test_saved_model_loads_and_takes_any_image_size(tmp_path):
     )
 
 
+def test_calling_the_model_is_deterministic():
+    """Dropout runs only in fit(): a plain model(x) call must give the same answer every time."""
+    built = build_model(get_spec("cnn"), 3, 32, dropout=0.5)
+    images = np.random.default_rng(0).uniform(0, 255, (4, 50, 40, 3)).astype("float32")
+    first = keras.ops.convert_to_numpy(built.model(images))
+    np.testing.assert_array_equal(first, keras.ops.convert_to_numpy(built.model(images)))
+    np.testing.assert_allclose(first, built.model.predict(images, verbose=0), atol=1e-6)
+
+
+def test_resize_layer_matches_keras_resizing():
+    from image_classifier.layers import SquareResize
+
+    images = np.random.default_rng(1).uniform(0, 255, (2, 50, 80, 3)).astype("float32")
+    for mode in ("squash", "crop", "pad"):
+        expected = keras.layers.Resizing(
+            20, 20, crop_to_aspect_ratio=mode == "crop", pad_to_aspect_ratio=mode == "pad", antialias=True
+        )(images)
+        np.testing.assert_allclose(SquareResize(20, mode)(images), expected, atol=1e-4)
+
+
 def test_shared_imagenet_weights_load_through_keras_cache(keras_home):
     built = build_model(get_spec("mobilenet_v2"), 2, 96, weights="imagenet")
     random = build_model(get_spec("mobilenet_v2"), 2, 96, weights="none")
