@@ -226,53 +226,49 @@ def train_on_dataset(config: TrainConfig, dataset: Dataset, workspace: Workspace
     timer = EpochTimer()
     class_weight = _class_weights(config, y_train, len(labels))
     augmenter = make_augmenter(config.seed) if config.augment else None
-    loss = keras.losses.SparseCategoricalCrossentropy()
     val_batches = image_batches(x_val, y_val, config.batch_size)
+
+    def fit(model, learning_rate: float, x, epochs: int, validation, initial_epoch: int = 0, **data):
+        model.compile(
+            optimizer=_optimizer(keras, config.optimizer, learning_rate),
+            loss=keras.losses.SparseCategoricalCrossentropy(),
+            metrics=["accuracy"],
+        )
+        result = model.fit(
+            x,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            validation_data=validation,
+            class_weight=class_weight,
+            callbacks=_callbacks(keras, run, checkpoint, config.early_stopping, [timer]),
+            verbose=2,
+            **data,
+        )
+        return {key: [float(v) for v in values] for key, values in result.history.items()}
+
+    def train_batches():
+        return image_batches(
+            x_train, y_train, config.batch_size, shuffle=True, seed=config.seed, augmenter=augmenter
+        )
 
     if spec.pretrained and not config.augment:
         print_fn(f"Phase 1: computing {spec.name} features once for {len(y_train) + len(y_val)} images")
-        features = built.features
-        train_features = features.predict(
+        train_features = built.features.predict(
             images_only(image_batches(x_train, y_train, config.batch_size)), verbose=1
         )
-        val_features = features.predict(images_only(val_batches), verbose=1)
+        val_features = built.features.predict(images_only(val_batches), verbose=1)
         print_fn(f"Phase 1: training the head on cached features for up to {config.epochs} epochs")
-        built.head.compile(
-            optimizer=_optimizer(keras, config.optimizer, config.learning_rate),
-            loss=loss,
-            metrics=["accuracy"],
-        )
-        result = built.head.fit(
-            train_features,
-            y_train,
-            batch_size=config.batch_size,
-            epochs=config.epochs,
-            validation_data=(val_features, y_val),
-            class_weight=class_weight,
-            shuffle=True,
-            callbacks=_callbacks(keras, run, checkpoint, config.early_stopping, [timer]),
-            verbose=2,
-        )
+        history = fit(
+            built.head, config.learning_rate, train_features, config.epochs, (val_features, y_val),
+            y=y_train, batch_size=config.batch_size, shuffle=True,
+        )  # fmt: skip
     else:
         what = "the head on the frozen backbone" if spec.pretrained else f"{spec.name} from scratch"
         print_fn(f"Phase 1: training {what} for up to {config.epochs} epochs")
-        built.model.compile(
-            optimizer=_optimizer(keras, config.optimizer, config.learning_rate),
-            loss=loss,
-            metrics=["accuracy"],
+        # shuffle=False: the tf.data pipeline reshuffles every epoch itself
+        history = fit(
+            built.model, config.learning_rate, train_batches(), config.epochs, val_batches, shuffle=False
         )
-        result = built.model.fit(
-            image_batches(
-                x_train, y_train, config.batch_size, shuffle=True, seed=config.seed, augmenter=augmenter
-            ),
-            epochs=config.epochs,
-            validation_data=val_batches,
-            class_weight=class_weight,
-            shuffle=False,  # the tf.data pipeline reshuffles every epoch itself
-            callbacks=_callbacks(keras, run, checkpoint, config.early_stopping, [timer]),
-            verbose=2,
-        )
-    history = {key: [float(v) for v in values] for key, values in result.history.items()}
     fine_tune_start = None
 
     if spec.pretrained and config.fine_tune_layers and config.fine_tune_epochs:
@@ -284,24 +280,11 @@ def train_on_dataset(config: TrainConfig, dataset: Dataset, workspace: Workspace
             f"BatchNorm frozen) at learning rate {config.fine_tune_learning_rate:g} for up to "
             f"{config.fine_tune_epochs} epochs"
         )
-        built.model.compile(
-            optimizer=_optimizer(keras, config.optimizer, config.fine_tune_learning_rate),
-            loss=loss,
-            metrics=["accuracy"],
-        )
-        result = built.model.fit(
-            image_batches(
-                x_train, y_train, config.batch_size, shuffle=True, seed=config.seed, augmenter=augmenter
-            ),
-            epochs=fine_tune_start + config.fine_tune_epochs,
-            initial_epoch=fine_tune_start,
-            validation_data=val_batches,
-            class_weight=class_weight,
-            shuffle=False,  # the tf.data pipeline reshuffles every epoch itself
-            callbacks=_callbacks(keras, run, checkpoint, config.early_stopping, [timer]),
-            verbose=2,
-        )
-        history = _merge(history, result.history)
+        more = fit(
+            built.model, config.fine_tune_learning_rate, train_batches(), fine_tune_start + config.fine_tune_epochs,
+            val_batches, initial_epoch=fine_tune_start, shuffle=False,
+        )  # fmt: skip
+        history = _merge(history, more)
 
     checkpoint.restore_best()
     save_model_atomic(built.model, run / "model.keras")
