@@ -28,7 +28,7 @@ import numpy as np
 from .config import Workspace
 from .dataset import FORMAT_VERSION, Dataset, load_dataset
 from .errors import UserError
-from .images import RESIZE_MODES, ImageError, list_image_files, load_array
+from .images import RESIZE_MODES, ImageError, list_image_files, load_array, perceptual_hash
 from .splits import MIN_IMAGES_PER_CLASS, SPLITS, SplitItem, assign_splits
 
 DEFAULT_IMAGE_SIZE = 224
@@ -182,14 +182,7 @@ def _decode_one(path: Path, size: int, resize: str, fd: int, offset: int) -> tup
     except Exception as error:  # a codec bug on one odd file must not stop the run
         return sha256, "", "skipped", f"cannot decode: {type(error).__name__}: {error}"
     _pwrite_all(fd, array.tobytes(), offset)
-    return sha256, _phash(array), "ok", ""
-
-
-def _phash(array: np.ndarray) -> str:
-    import imagehash
-    from PIL import Image
-
-    return str(imagehash.phash(Image.fromarray(array)))
+    return sha256, perceptual_hash(array), "ok", ""
 
 
 _worker_state: dict = {}

@@ -143,6 +143,23 @@ def test_resize_modes():
     assert pad[2, 25].sum() == 0 and pad[25, 25, 0] > 200  # black bars above and below
 
 
+def test_perceptual_hash_is_close_for_copies_and_far_for_other_photos():
+    from conftest import synthetic_photo
+
+    from image_classifier.images import perceptual_hash
+
+    photo = synthetic_photo(0, 1, size=(120, 90))
+    smaller = np.asarray(Image.fromarray(photo).resize((60, 45)).resize((120, 90)))
+    other = synthetic_photo(1, 2, size=(120, 90))
+
+    def bits(a: str, b: str) -> int:
+        return bin(int(a, 16) ^ int(b, 16)).count("1")
+
+    assert len(perceptual_hash(photo)) == 16
+    assert bits(perceptual_hash(photo), perceptual_hash(smaller)) <= 4
+    assert bits(perceptual_hash(photo), perceptual_hash(other)) > 12
+
+
 def test_hidden_and_junk_files_are_ignored(tmp_path):
     for name in ("a.jpg", ".DS_Store", "Thumbs.db", ".hidden.jpg", "desktop.ini"):
         (tmp_path / name).write_bytes(b"x")
