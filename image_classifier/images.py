@@ -112,7 +112,8 @@ def open_image(source: Path | bytes | BinaryIO, draft_size: int | None = None) -
             if draft_size and image.format == "JPEG":
                 image.draft(None, (draft_size, draft_size))
             image.load()
-            image = ImageOps.exif_transpose(image)
+            if image.format != "JPEG" or "exif" in image.info:  # a JPEG without EXIF has no orientation
+                image = ImageOps.exif_transpose(image)
             return to_rgb(image)
         except ImageError:
             raise
