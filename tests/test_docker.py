@@ -379,6 +379,33 @@ def test_dockerignore_keeps_data_and_git_out_of_the_build_context(engine, base_i
 
 @pytest.mark.slow
 @needs_engine
+def test_predict_in_a_container_uses_the_run_trained_there(setup):
+    if not (setup.workspace / "runs" / "latest").exists():
+        pytest.skip("needs the run of test_training_in_a_container_writes_the_run_to_the_mounted_workspace")
+    # A path relative to /app, as in a checkout: /app/workspace is the mounted workspace.
+    result = setup.compose(
+        "run",
+        "--rm",
+        "-T",
+        "ml",
+        "python",
+        "scripts/predict.py",
+        "--json",
+        "workspace/images/horse",
+        timeout=600,
+    )
+    document = json.loads(result.stdout)
+    assert Path(document["run"]).name == (setup.workspace / "runs" / "latest").resolve().name
+    predictions = document["predictions"]
+    assert len(predictions) == len(list((setup.workspace / "images" / "horse").iterdir()))
+    assert all(p.get("label") in CATEGORIES for p in predictions), [p for p in predictions if "error" in p][
+        :3
+    ]
+    assert sum(p["label"] == "horse" for p in predictions) > len(predictions) / 2
+
+
+@pytest.mark.slow
+@needs_engine
 def test_summary_draws_the_architecture_diagram_in_the_container(setup):
     """scripts/summary.py needs Graphviz's dot inside the image; without it there is no diagram."""
     result = setup.compose(
