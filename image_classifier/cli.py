@@ -151,6 +151,13 @@ def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except PermissionError as error:
+        print(
+            f"error: permission denied on {error.filename or 'a file'}; the workspace must be writable by this user "
+            "(with Docker, put UID=$(id -u) and GID=$(id -g) in .env and rebuild: see the README)",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted: stopped by Ctrl-C", file=sys.stderr)
         return 130
