@@ -1064,7 +1064,7 @@ def _load_script():
         (["--categories", "cat", "--query", "cat"], "expected CATEGORY=QUERY"),
         (["--categories", "cat,../dog"], "bad category name"),
         (["--categories", "cat,cat"], "category listed twice"),
-        (["--categories", "cat", "--limit", "0"], "expected a number above 0"),
+        (["--categories", "cat", "--limit", "0"], "expected a whole number above 0"),
     ],
 )
 def test_script_bad_input_is_one_line_and_exit_2(
