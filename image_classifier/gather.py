@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .cli import category_names, category_problem
 from .config import Workspace
 from .download import Cancelled, Fetched, FetchError, FetchPolicy, HttpClient
 from .errors import UserError
@@ -60,36 +61,11 @@ MIN_FAILURE_BUDGET = 50
 """A remote category stops after max(50, 5 x images still needed) fetches that kept nothing."""
 EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp"}
 EXTENSIONS |= {"TIFF": ".tif", "AVIF": ".avif"}
-FORBIDDEN_CHARACTERS = set('/\\:*?"<>|')
-
-
-def category_problem(name: str) -> str | None:
-    """Why `name` cannot be a folder under images/, or None when it can."""
-    if not name:
-        return "an empty name"
-    if name.startswith("."):
-        return f"{name!r} starts with a dot (hidden folders are ignored)"
-    bad = sorted({char for char in name if char in FORBIDDEN_CHARACTERS or ord(char) < 32})
-    if bad:
-        return f"{name!r} contains {' '.join(repr(char) for char in bad)}, which a folder name cannot"
-    if name.lower() == MANIFEST_NAME:
-        return f"{name!r} is the manifest's file name"
-    if len(name) > 100:
-        return f"{name[:20]!r}... is longer than 100 characters"
-    return None
 
 
 def categories_arg(text: str) -> list[str]:
-    """`cat,dog,horse` -> names that are safe folder names; one is enough (gather one category at a time)."""
-    names = [name.strip() for name in text.split(",")]
-    for name in names:
-        problem = category_problem(name)
-        if problem:
-            raise argparse.ArgumentTypeError(f"bad category name: {problem}; write them like cat,dog,horse")
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise argparse.ArgumentTypeError(f"category listed twice: {', '.join(repeated)}")
-    return names
+    """Like the other stages' --categories, but one is enough (gather one category at a time)."""
+    return category_names(text, minimum=1)
 
 
 def query_arg(text: str) -> tuple[str, str]:

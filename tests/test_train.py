@@ -154,6 +154,8 @@ def workspace_with_history(images, tmp_path) -> Path:
 
 BAD_INPUTS = [
     (["--categories", "red"], "at least 2 categories"),
+    (["--categories", "red,../blue"], "bad category name: '../blue' starts with a dot"),
+    (["--categories", "red,a/b"], "which a folder name cannot"),
     (["--categories", "red,purple"], "no folder for category 'purple'"),
     (["--categories", "red,blue", "--model", "alexnet"], "invalid choice: 'alexnet'"),
     (
