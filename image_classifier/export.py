@@ -30,8 +30,7 @@ import numpy as np
 
 from .config import Workspace
 from .errors import UserError
-from .predict import TrainedRun, load_run
-from .runs import write_json
+from .runs import TrainedRun, load_run, write_json
 
 FORMATS = ("savedmodel", "tflite", "onnx")
 QUANTIZATIONS = ("none", "float16", "int8")

@@ -29,7 +29,7 @@ from .config import Workspace
 from .download import Cancelled, FetchError, FetchPolicy, HttpClient
 from .errors import UserError
 from .images import ImageError, list_image_files, load_array
-from .runs import resolve_run
+from .runs import TrainedRun, load_run
 
 OUTPUTS = ("table", "json", "csv")
 DEFAULT_TOP_K = 3
@@ -37,38 +37,6 @@ DEFAULT_BATCH_SIZE = 32
 READ_THREADS = 2
 """Decoding and downloading run beside the model, one batch ahead (Pillow and sockets release the GIL)."""
 URL_PREFIXES = ("http://", "https://")
-
-
-@dataclass(frozen=True)
-class TrainedRun:
-    """What using a run needs from its folder, read without TensorFlow so bad input fails fast."""
-
-    path: Path
-    labels: list[str]
-    image_size: int
-    resize: str
-    dataset: str | None
-
-    @property
-    def model_path(self) -> Path:
-        return self.path / "model.keras"
-
-
-def load_run(workspace: Workspace, name: str | Path = "latest") -> TrainedRun:
-    """The run named like --run (latest, a folder name or a path), with its labels and input options."""
-    path = resolve_run(workspace, name)
-    try:
-        labels = json.loads((path / "labels.json").read_text(encoding="utf-8"))
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        options = config["options"]
-        image_size, resize = int(options["image_size"]), str(options["resize"])
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise UserError(
-            f"run folder {path} is incomplete ({type(error).__name__}: {error}); train again with "
-            "scripts/machine_learning.py"
-        ) from None
-    dataset = config.get("data", {}).get("dataset")
-    return TrainedRun(path=path, labels=list(labels), image_size=image_size, resize=resize, dataset=dataset)
 
 
 @dataclass(frozen=True)

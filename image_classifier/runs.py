@@ -1,4 +1,4 @@
-"""Run folders: create them, write into them atomically, and find them again.
+"""Run folders: create them, write into them atomically, find them and read what using them needs.
 
 runs/<YYYYmmdd-HHMMSS>-<model>/
     model.keras  labels.json  config.json  metrics.json  confusion_matrix.png
@@ -13,6 +13,7 @@ import os
 import pickle
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Workspace
@@ -54,6 +55,38 @@ def resolve_run(workspace: Workspace, name: str | Path = "latest") -> Path:
             f"no training run in {workspace.runs} yet; train one with scripts/machine_learning.py"
         )
     raise UserError(f"no run folder {name} (looked for model.keras in {' and '.join(map(str, candidates))})")
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """What using a run needs from its folder, read without TensorFlow so bad input fails fast."""
+
+    path: Path
+    labels: list[str]
+    image_size: int
+    resize: str
+    dataset: str | None
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / "model.keras"
+
+
+def load_run(workspace: Workspace, name: str | Path = "latest") -> TrainedRun:
+    """The run named like --run (latest, a folder name or a path), with its labels and input options."""
+    path = resolve_run(workspace, name)
+    try:
+        labels = json.loads((path / "labels.json").read_text(encoding="utf-8"))
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        options = config["options"]
+        image_size, resize = int(options["image_size"]), str(options["resize"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(
+            f"run folder {path} is incomplete ({type(error).__name__}: {error}); train again with "
+            "scripts/machine_learning.py"
+        ) from None
+    dataset = config.get("data", {}).get("dataset")
+    return TrainedRun(path=path, labels=list(labels), image_size=image_size, resize=resize, dataset=dataset)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

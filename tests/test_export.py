@@ -19,7 +19,7 @@ from image_classifier.errors import UserError
 from image_classifier.export import ExportOptions, compare, export_run
 from image_classifier.images import load_array
 from image_classifier.models import load_model
-from image_classifier.predict import load_run
+from image_classifier.runs import load_run
 
 VARIANTS = [
     ("savedmodel", "none", "savedmodel"),

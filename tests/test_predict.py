@@ -21,7 +21,8 @@ from image_classifier.config import Workspace
 from image_classifier.errors import UserError
 from image_classifier.images import load_array
 from image_classifier.models import load_model
-from image_classifier.predict import PredictOptions, load_run, run_predict
+from image_classifier.predict import PredictOptions, run_predict
+from image_classifier.runs import load_run
 from image_classifier.train import TrainConfig, train
 
 
