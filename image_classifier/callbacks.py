@@ -18,10 +18,11 @@ class BestModelCheckpoint(keras.callbacks.Callback):
     layers, so saving it there still captures the network as it would predict.
     """
 
-    def __init__(self, full_model, path, monitor: str = "val_loss", mode: str = "min"):
+    def __init__(self, full_model, path, monitor: str = "val_loss", mode: str = "min", writes: bool = True):
         super().__init__()
         self.full_model = full_model
         self.path = path
+        self.writes = writes
         self.monitor = monitor
         self.sign = 1.0 if mode == "min" else -1.0
         self.best = math.inf
@@ -37,11 +38,70 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         self.best_epoch = epoch
         self.best_logs = {key: float(val) for key, val in (logs or {}).items()}
         self._best_weights = self.full_model.get_weights()
-        save_model_atomic(self.full_model, self.path)
+        if self.writes:
+            save_model_atomic(self.full_model, self.path)
 
     def restore_best(self) -> None:
         if self._best_weights is not None:
             self.full_model.set_weights(self._best_weights)
+
+    @property
+    def best_weights(self):
+        return self._best_weights
+
+    def state(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "best_logs": self.best_logs}
+
+    def load_state(self, state: dict, best_weights) -> None:
+        """Continue a resumed run: the best so far, and its weights, as saved in the backup."""
+        if state:
+            self.best = state["best"]
+            self.best_epoch = state["best_epoch"]
+            self.best_logs = state["best_logs"]
+            self._best_weights = best_weights
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """EarlyStopping whose counters survive a resume (the best weights are BestModelCheckpoint's job)."""
+
+    def __init__(self, patience: int, saved: dict | None = None):
+        super().__init__(monitor="val_loss", patience=patience, restore_best_weights=False)
+        self.saved = saved or {}
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.saved:
+            self.wait = self.saved["wait"]
+            self.best = self.saved["best"]
+            self.best_epoch = self.saved["best_epoch"]
+
+    def state(self) -> dict:
+        return {
+            "wait": self.wait,
+            "best": None if self.best is None else float(self.best),
+            "best_epoch": self.best_epoch,
+            "stopped": bool(self.model.stop_training),
+        }
+
+
+class EpochBackup(keras.callbacks.Callback):
+    """Records the epoch in the run's history and commits the backup; runs after every other callback.
+
+    It is also where a requested stop (the first Ctrl-C) takes effect: right after the epoch is saved.
+    """
+
+    def __init__(self, backup, checkpoint, early_stopping=None, stop=None):
+        super().__init__()
+        self.backup = backup
+        self.checkpoint = checkpoint
+        self.early_stopping = early_stopping
+        self.stop = stop
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.backup.state.record(epoch, dict(logs or {}))
+        self.backup.save(self.checkpoint, self.model.optimizer, self.early_stopping)
+        if self.stop is not None and self.stop.requested:
+            self.model.stop_training = True
 
 
 class EpochTimer(keras.callbacks.Callback):

@@ -127,14 +127,20 @@ probability_arg = _number(float, lambda value: 0 <= value < 1, "a number from 0 
 
 
 def add_data_arguments(
-    parser, image_size_default: int | None = None, image_size_help: str = "side in pixels"
+    parser,
+    image_size_default: int | None = None,
+    image_size_help: str = "side in pixels",
+    categories_required: bool = True,
 ) -> None:
     """The options that decide the arrays, shared by preprocessing and training so they never disagree."""
     from .images import RESIZE_MODES
     from .preprocess import DEFAULT_RESIZE, DEFAULT_SPLIT
 
     parser.add_argument(
-        "--categories", type=categories_arg, required=True, help="2 or more, like cat,dog,horse"
+        "--categories",
+        type=categories_arg,
+        required=categories_required,
+        help="2 or more, like cat,dog,horse",
     )
     parser.add_argument(
         "--images-dir",
@@ -167,6 +173,18 @@ def add_data_arguments(
     )
 
 
+def given_options(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> dict:
+    """Only the options typed on the command line, not their defaults, by destination name."""
+    defaults = {action: action.default for action in parser._actions}
+    try:
+        for action in defaults:
+            action.default = argparse.SUPPRESS
+        return vars(parser.parse_args(argv))
+    finally:
+        for action, default in defaults.items():
+            action.default = default
+
+
 def workspace_of(args: argparse.Namespace) -> Workspace:
     return Workspace(Path(args.workspace))
 
@@ -185,7 +203,7 @@ def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
             file=sys.stderr,
         )
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: stopped by Ctrl-C", file=sys.stderr)
+    except KeyboardInterrupt as error:
+        print(f"\ninterrupted: {error or 'stopped by Ctrl-C'}", file=sys.stderr)
         return 130
     return 0

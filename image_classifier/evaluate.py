@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
+
+from .runs import write_atomic
 
 
 def compute_metrics(probabilities: np.ndarray, truth: np.ndarray, labels: list[str]) -> dict:
@@ -86,5 +89,7 @@ def plot_confusion_matrix(metrics: dict, path: Path) -> None:
             column, row, str(count), ha="center", va="center", color="white" if count > threshold else "black"
         )
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
+    write_atomic(path, buffer.getvalue())

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
+import json
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from .dataset import Dataset
 from .errors import UserError
 from .models import DEFAULT_MODEL, ModelSpec, check_image_size, check_weights, get_spec
 from .preprocess import DEFAULT_RESIZE, DEFAULT_SPLIT, PreprocessOptions, prepare_dataset
+from .runs import write_atomic
 
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
 
@@ -99,6 +102,21 @@ class TrainConfig:
     def spec(self) -> ModelSpec:
         return get_spec(self.model)
 
+    def options(self) -> dict:
+        """As stored in a run's config.json."""
+        return {**asdict(self), "images_dir": str(self.images_dir)}
+
+    @classmethod
+    def from_options(cls, options: dict) -> TrainConfig:
+        """Back from config.json (JSON has lists where the config has tuples), resolved again."""
+        known = {item.name for item in fields(cls)}
+        values = {key: value for key, value in options.items() if key in known}
+        values["images_dir"] = Path(values["images_dir"])
+        for key in ("categories", "split", "dense_units"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        return cls(**values).resolve()
+
     def preprocess_options(self) -> PreprocessOptions:
         return PreprocessOptions(
             categories=tuple(self.categories),
@@ -139,28 +157,6 @@ def _class_weights(config: TrainConfig, y: np.ndarray, classes: int) -> dict | N
     return {i: float(w) for i, w in enumerate(weights)}
 
 
-def _callbacks(keras, run: Path, checkpoint, patience: int, extra=()):
-    callbacks = [
-        *extra,  # first, so what they add to the logs reaches TensorBoard and the CSV
-        keras.callbacks.TensorBoard(log_dir=str(run / "logs")),
-        keras.callbacks.CSVLogger(str(run / "training_log.csv"), append=True),
-        checkpoint,
-    ]
-    if patience > 0:
-        callbacks.append(
-            keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
-        )
-    return callbacks
-
-
-def _merge(history: dict, more: dict) -> dict:
-    merged = {key: list(values) for key, values in history.items()}
-    for key, values in more.items():
-        merged.setdefault(key, [float("nan")] * len(next(iter(history.values()), [])))
-        merged[key].extend(float(v) for v in values)
-    return merged
-
-
 def _predict_probabilities(model, x: np.ndarray, batch_size: int) -> np.ndarray:
     from .pipeline import image_batches, images_only
 
@@ -174,11 +170,98 @@ def train(config: TrainConfig, workspace: Workspace, print_fn=print) -> Path:
     return train_on_dataset(config, dataset, workspace, print_fn=print_fn)
 
 
-def train_on_dataset(config: TrainConfig, dataset: Dataset, workspace: Workspace, print_fn=print) -> Path:
-    from .callbacks import BestModelCheckpoint, EpochTimer
+RESUME_KEEPS = frozenset({"workers"})
+"""Options a resumed run may take from the new command line; every other one is the run's own."""
+
+
+def resume(workspace: Workspace, name: str, given: dict, print_fn=print) -> Path:
+    """Continue an interrupted run from its last finished epoch, with the options it was started with.
+
+    `given` holds the training options typed on this command line; one that differs from the run's
+    own is an error rather than silently ignored or silently changing a half-trained run.
+    """
+    from .resume import find_resumable, load_state
+
+    run = find_resumable(workspace, name)
+    try:
+        saved = json.loads((run / "config.json").read_text(encoding="utf-8"))
+        config = TrainConfig.from_options(saved["options"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"cannot resume {run}: its config.json is unreadable ({error})") from None
+    config = replace(config, **{key: value for key, value in given.items() if key in RESUME_KEEPS})
+    differing = [
+        f"--{key.replace('_', '-')} {_shown(value)} (the run has {_shown(getattr(config, key))})"
+        for key, value in given.items()
+        if key not in RESUME_KEEPS
+        and hasattr(config, key)
+        and _normal(value) != _normal(getattr(config, key))
+    ]
+    if differing:
+        raise UserError(
+            f"--resume continues {run.name} with its own options, but this command asks for "
+            f"{'; '.join(differing)}; drop those options, or start a new run without --resume"
+        )
+    dataset = prepare_dataset(config.preprocess_options(), workspace, print_fn=print_fn)
+    if dataset.fingerprint != saved.get("data", {}).get("fingerprint"):
+        raise UserError(
+            f"the images of {run.name} changed since it started, so it cannot continue on the same data; "
+            "start a new run without --resume"
+        )
+    return train_on_dataset(config, dataset, workspace, print_fn=print_fn, run=run, state=load_state(run))
+
+
+def _normal(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_normal(item) for item in value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _shown(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(item) for item in value)
+    return str(value)
+
+
+def _write_config(run: Path, config: TrainConfig, dataset: Dataset, labels) -> None:
+    from .runs import write_json
+
+    spec = config.spec
+    write_json(run / "labels.json", labels)
+    write_json(
+        run / "config.json",
+        {
+            "options": config.options(),
+            "model": {"name": spec.name, "family": spec.family, "application": spec.application},
+            "labels": labels,
+            "data": {
+                "dataset": str(dataset.path),
+                "fingerprint": dataset.fingerprint,
+                "counts": dataset.info["counts"],
+                "splits_given": dataset.info["splits_given"],
+            },
+            "versions": _versions(),
+            "command": sys.argv,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    )
+
+
+def train_on_dataset(
+    config: TrainConfig,
+    dataset: Dataset,
+    workspace: Workspace,
+    print_fn=print,
+    run: Path | None = None,
+    state=None,
+) -> Path:
+    """Train, evaluate and save; with `run` and `state`, continue that interrupted run instead of a new one."""
+    from .callbacks import BestModelCheckpoint, EpochBackup, EpochTimer, ResumableEarlyStopping
     from .evaluate import compute_metrics, format_report, plot_confusion_matrix
     from .models import build_model, unfreeze_top
     from .pipeline import image_batches, images_only, make_augmenter
+    from .resume import FINISHED, GracefulStop, RunBackup, TrainingState
     from .runs import create_run, mark_latest, save_model_atomic, write_json, write_pickle
     from .tensorboard_logging import log_run_summaries
     from .tf_env import import_keras
@@ -187,7 +270,6 @@ def train_on_dataset(config: TrainConfig, dataset: Dataset, workspace: Workspace
     keras.utils.set_random_seed(config.seed)
     spec = config.spec
     labels = dataset.labels
-    started = time.monotonic()
     built = build_model(
         spec,
         len(labels),
@@ -202,95 +284,128 @@ def train_on_dataset(config: TrainConfig, dataset: Dataset, workspace: Workspace
     x_val, y_val = dataset.arrays("validation")
     x_test, y_test = dataset.arrays("test")
 
-    run = create_run(workspace, spec.name)
-    print_fn(f"Run folder: {run}")
-    write_json(run / "labels.json", labels)
-    write_json(
-        run / "config.json",
-        {
-            "options": {**asdict(config), "images_dir": str(config.images_dir)},
-            "model": {"name": spec.name, "family": spec.family, "application": spec.application},
-            "labels": labels,
-            "data": {
-                "dataset": str(dataset.path),
-                "fingerprint": dataset.fingerprint,
-                "counts": dataset.info["counts"],
-                "splits_given": dataset.info["splits_given"],
-            },
-            "versions": _versions(),
-            "command": sys.argv,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        },
-    )
+    if run is None:
+        run = create_run(workspace, spec.name)
+        print_fn(f"Run folder: {run}")
+        _write_config(run, config, dataset, labels)
+    state = state or TrainingState()
+    backup = RunBackup(run, built.model, state)
     checkpoint = BestModelCheckpoint(built.model, run / "model.keras")
+    if state.epochs_done or state.phase > 1:
+        checkpoint.load_state(state.best, backup.best_weights())
+        backup.restore_weights()
+        print_fn(f"Resuming {run} after epoch {state.epochs_done} (phase {min(state.phase, 2)})")
     timer = EpochTimer()
     class_weight = _class_weights(config, y_train, len(labels))
     augmenter = make_augmenter(config.seed) if config.augment else None
     val_batches = image_batches(x_val, y_val, config.batch_size)
+    stop = GracefulStop(print_fn)
 
-    def fit(model, learning_rate: float, x, epochs: int, validation, initial_epoch: int = 0, **data):
+    def fit(model, learning_rate: float, x, epochs: int, validation, **data) -> None:
+        """One phase: compile, put back a resumed phase's optimizer, fit from the first unfinished epoch."""
         model.compile(
             optimizer=_optimizer(keras, config.optimizer, learning_rate),
             loss=keras.losses.SparseCategoricalCrossentropy(),
             metrics=["accuracy"],
         )
-        result = model.fit(
-            x,
-            epochs=epochs,
-            initial_epoch=initial_epoch,
-            validation_data=validation,
-            class_weight=class_weight,
-            callbacks=_callbacks(keras, run, checkpoint, config.early_stopping, [timer]),
-            verbose=2,
-            **data,
-        )
-        return {key: [float(v) for v in values] for key, values in result.history.items()}
+        backup.restore_optimizer(model, model.optimizer)
+        early_stopping = None
+        if config.early_stopping > 0:
+            early_stopping = ResumableEarlyStopping(config.early_stopping, state.early_stopping)
+            if state.early_stopping.get("stopped"):
+                return
+        if state.epochs_done >= epochs:
+            return
+        callbacks = [
+            timer,  # first, so the seconds it adds to the logs reach TensorBoard and the history
+            keras.callbacks.TensorBoard(log_dir=str(run / "logs")),
+            checkpoint,
+            *([early_stopping] if early_stopping else []),
+            EpochBackup(backup, checkpoint, early_stopping, stop),  # last: it saves what the others decided
+        ]
+        with stop:
+            model.fit(
+                x,
+                epochs=epochs,
+                initial_epoch=state.epochs_done,
+                validation_data=validation,
+                class_weight=class_weight,
+                callbacks=callbacks,
+                verbose=2,
+                **data,
+            )
+        if stop.requested:
+            raise Interrupted(run, state.epochs_done)
+
+    def end_phase(phase: int) -> None:
+        """Mark the phase done in the backup, with the best weights in the model, as the next phase starts."""
+        checkpoint.restore_best()
+        state.phase = phase
+        state.early_stopping = {}
+        backup.save(checkpoint)
 
     def train_batches():
         return image_batches(
             x_train, y_train, config.batch_size, shuffle=True, seed=config.seed, augmenter=augmenter
         )
 
-    if spec.pretrained and not config.augment:
-        print_fn(f"Phase 1: computing {spec.name} features once for {len(y_train) + len(y_val)} images")
-        train_features = built.features.predict(
-            images_only(image_batches(x_train, y_train, config.batch_size)), verbose=1
-        )
-        val_features = built.features.predict(images_only(val_batches), verbose=1)
-        print_fn(f"Phase 1: training the head on cached features for up to {config.epochs} epochs")
-        history = fit(
-            built.head, config.learning_rate, train_features, config.epochs, (val_features, y_val),
-            y=y_train, batch_size=config.batch_size, shuffle=True,
-        )  # fmt: skip
-    else:
-        what = "the head on the frozen backbone" if spec.pretrained else f"{spec.name} from scratch"
-        print_fn(f"Phase 1: training {what} for up to {config.epochs} epochs")
-        # shuffle=False: the tf.data pipeline reshuffles every epoch itself
-        history = fit(
-            built.model, config.learning_rate, train_batches(), config.epochs, val_batches, shuffle=False
-        )
-    fine_tune_start = None
+    try:
+        if state.phase == 1:
+            if spec.pretrained and not config.augment:
+                print_fn(
+                    f"Phase 1: computing {spec.name} features once for {len(y_train) + len(y_val)} images"
+                )
+                train_features = built.features.predict(
+                    images_only(image_batches(x_train, y_train, config.batch_size)), verbose=1
+                )
+                val_features = built.features.predict(images_only(val_batches), verbose=1)
+                print_fn(f"Phase 1: training the head on cached features for up to {config.epochs} epochs")
+                fit(
+                    built.head, config.learning_rate, train_features, config.epochs, (val_features, y_val),
+                    y=y_train, batch_size=config.batch_size, shuffle=True,
+                )  # fmt: skip
+            else:
+                what = "the head on the frozen backbone" if spec.pretrained else f"{spec.name} from scratch"
+                print_fn(f"Phase 1: training {what} for up to {config.epochs} epochs")
+                # shuffle=False: the tf.data pipeline reshuffles every epoch itself
+                fit(
+                    built.model,
+                    config.learning_rate,
+                    train_batches(),
+                    config.epochs,
+                    val_batches,
+                    shuffle=False,
+                )
+            fine_tunes = bool(spec.pretrained and config.fine_tune_layers and config.fine_tune_epochs)
+            if fine_tunes:
+                state.fine_tune_start = state.epochs_done
+            end_phase(2 if fine_tunes else FINISHED)
 
-    if spec.pretrained and config.fine_tune_layers and config.fine_tune_epochs:
-        checkpoint.restore_best()
-        fine_tune_start = len(history["loss"])
-        unfrozen = unfreeze_top(built, config.fine_tune_layers)
-        print_fn(
-            f"Phase 2: fine-tuning the top {config.fine_tune_layers} backbone layers ({unfrozen} with weights, "
-            f"BatchNorm frozen) at learning rate {config.fine_tune_learning_rate:g} for up to "
-            f"{config.fine_tune_epochs} epochs"
-        )
-        more = fit(
-            built.model, config.fine_tune_learning_rate, train_batches(), fine_tune_start + config.fine_tune_epochs,
-            val_batches, initial_epoch=fine_tune_start, shuffle=False,
-        )  # fmt: skip
-        history = _merge(history, more)
+        if state.phase == 2:
+            fine_tune_start = state.fine_tune_start
+            unfrozen = unfreeze_top(built, config.fine_tune_layers)
+            print_fn(
+                f"Phase 2: fine-tuning the top {config.fine_tune_layers} backbone layers ({unfrozen} with weights, "
+                f"BatchNorm frozen) at learning rate {config.fine_tune_learning_rate:g} for up to "
+                f"{config.fine_tune_epochs} epochs"
+            )
+            fit(
+                built.model, config.fine_tune_learning_rate, train_batches(), fine_tune_start + config.fine_tune_epochs,
+                val_batches, shuffle=False,
+            )  # fmt: skip
+            end_phase(FINISHED)
+    except KeyboardInterrupt as error:
+        if isinstance(error, Interrupted):
+            raise
+        raise Interrupted(run, state.epochs_done) from None
 
+    history = state.history
+    fine_tune_start = state.fine_tune_start
     checkpoint.restore_best()
     save_model_atomic(built.model, run / "model.keras")
     write_pickle(run / "history.pickle", history)
     write_json(run / "history.json", history)
-    train_seconds = time.monotonic() - started
+    train_seconds = backup.elapsed()
 
     probabilities = _predict_probabilities(built.model, x_test, config.batch_size)
     metrics = compute_metrics(probabilities, np.asarray(y_test), labels)
@@ -301,9 +416,10 @@ def train_on_dataset(config: TrainConfig, dataset: Dataset, workspace: Workspace
         "fine_tune_start_epoch": fine_tune_start,
         "seconds": round(train_seconds, 1),
     }
-    write_json(run / "metrics.json", metrics)
     _write_predictions(run / "test_predictions.csv", dataset, probabilities, np.asarray(y_test), labels)
     plot_confusion_matrix(metrics, run / "confusion_matrix.png")
+    write_json(run / "metrics.json", metrics)
+    backup.remove()
     mark_latest(workspace, run)
     log_run_summaries(run)
 
@@ -324,24 +440,35 @@ def train_on_dataset(config: TrainConfig, dataset: Dataset, workspace: Workspace
     return run
 
 
+class Interrupted(KeyboardInterrupt):
+    """Training stopped on request; the backup lets `--resume` continue where it stopped."""
+
+    def __init__(self, run: Path, epochs_done: int):
+        done = f"after epoch {epochs_done}, which is saved" if epochs_done else "before the first epoch ended"
+        super().__init__(
+            f"stopped {done}; continue with: python scripts/machine_learning.py --resume {run.name}"
+        )
+
+
 def _write_predictions(
     path: Path, dataset: Dataset, probabilities: np.ndarray, truth: np.ndarray, labels
 ) -> None:
     """One row per test image: its source file, true and predicted class, and the confidence."""
     sources = dataset.source_files("test")
     predicted = probabilities.argmax(axis=1)
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["index", "path", "true", "predicted", "confidence", "correct"])
-        for index, (true, guess) in enumerate(zip(truth, predicted, strict=True)):
-            source = sources[index] if index < len(sources) else ""
-            writer.writerow(
-                [
-                    index,
-                    source,
-                    labels[true],
-                    labels[guess],
-                    f"{probabilities[index, guess]:.4f}",
-                    int(true == guess),
-                ]
-            )
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["index", "path", "true", "predicted", "confidence", "correct"])
+    for index, (true, guess) in enumerate(zip(truth, predicted, strict=True)):
+        source = sources[index] if index < len(sources) else ""
+        writer.writerow(
+            [
+                index,
+                source,
+                labels[true],
+                labels[guess],
+                f"{probabilities[index, guess]:.4f}",
+                int(true == guess),
+            ]
+        )
+    write_atomic(path, buffer.getvalue().encode("utf-8"))

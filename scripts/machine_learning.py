@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from image_classifier import cli
 from image_classifier.models import DEFAULT_MODEL, REGISTRY
-from image_classifier.train import OPTIMIZERS, TrainConfig, train
+from image_classifier.train import OPTIMIZERS, TrainConfig, resume, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_data_arguments(
         data,
         image_size_help="side in pixels (default: the model's own, 224 for mobilenet_v2, 64 for mlp, 150 for cnn)",
+        categories_required=False,
     )
 
     model = parser.add_argument_group("model")
@@ -95,12 +96,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto weighs rare categories up (for unbalanced folders)",
     )
     training.add_argument("--seed", type=int, default=0, help="for the split, shuffling and initial weights")
+    training.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue an interrupted run from its last finished epoch: latest (the newest unfinished run), "
+        "a folder name in runs/, or a path; it keeps the run's own options",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     workspace = cli.workspace_of(args)
+    if args.resume:
+        given = cli.given_options(parser, argv)
+        for name in ("resume", "workspace"):
+            given.pop(name, None)
+        resume(workspace, args.resume, given)
+        return
+    if not args.categories:
+        parser.error("the following arguments are required: --categories (or --resume RUN)")
     config = TrainConfig(
         categories=tuple(args.categories),
         images_dir=args.images_dir or workspace.images,

@@ -1,0 +1,248 @@
+"""Resumable runs: the training state is saved after every epoch in <run>/backup/ and read back by --resume.
+
+Each save writes a new folder backup/epoch-NNNN/ (the model's weights, the optimizer's variables and the
+best weights so far), then atomically replaces backup/state.json, which names that folder, and only then
+removes older folders. A process killed at any moment therefore leaves one complete state: at most the
+epoch in progress is lost. Keras's own BackupAndRestore keeps weights and the epoch number only; a run
+here also needs its history across two phases, the best checkpoint and the early-stopping counters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import shutil
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import Workspace
+from .errors import UserError
+from .runs import write_atomic, write_json
+
+BACKUP = "backup"
+STATE = "state.json"
+FINISHED = 3
+"""state.phase after the last training epoch: only the final evaluation and files are left."""
+
+
+@dataclass
+class TrainingState:
+    """Everything besides weights that an interrupted run needs to continue as if never stopped."""
+
+    phase: int = 1
+    epochs_done: int = 0
+    history: dict[str, list[float]] = field(default_factory=dict)
+    fine_tune_start: int | None = None
+    best: dict = field(default_factory=dict)
+    early_stopping: dict = field(default_factory=dict)
+    has_optimizer: bool = False
+    seconds: float = 0.0
+    folder: str | None = None
+
+    def record(self, epoch: int, logs: dict) -> None:
+        """Append one epoch's logs; keys first seen later (or missing now) are padded with NaN."""
+        count = len(next(iter(self.history.values()), []))
+        for key in logs:
+            self.history.setdefault(key, [math.nan] * count)
+        for key, values in self.history.items():
+            values.append(float(logs.get(key, math.nan)))
+        self.epochs_done = epoch + 1
+
+
+def backup_dir(run: Path) -> Path:
+    return run / BACKUP
+
+
+def load_state(run: Path) -> TrainingState:
+    """The last saved state of `run`, or a fresh one when it stopped before its first epoch ended."""
+    path = backup_dir(run) / STATE
+    if not path.is_file():
+        return TrainingState()
+    try:
+        return TrainingState(**json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, TypeError) as error:
+        raise UserError(
+            f"the backup {path} is unreadable ({error}); start the run again without --resume"
+        ) from None
+
+
+def is_finished(run: Path) -> bool:
+    return (run / "metrics.json").is_file() and not (backup_dir(run) / STATE).is_file()
+
+
+def find_resumable(workspace: Workspace, name: str | Path) -> Path:
+    """`latest` (the newest unfinished run), a run folder name or a path -> the run folder to continue."""
+    if str(name) == "latest":
+        runs = workspace.runs
+        unfinished = (
+            sorted(
+                (
+                    path
+                    for path in runs.iterdir()
+                    if path.is_dir() and not path.is_symlink() and _resumable(path)
+                ),
+                key=lambda path: path.name,
+            )
+            if runs.is_dir()
+            else []
+        )
+        if not unfinished:
+            raise UserError(f"no unfinished run in {runs} to resume; start one without --resume")
+        return unfinished[-1].resolve()
+    for candidate in (Path(name), workspace.runs / str(name)):
+        if (candidate / "config.json").is_file():
+            if is_finished(candidate):
+                raise UserError(f"run {candidate} finished already; there is nothing to resume")
+            return candidate.resolve()
+    raise UserError(
+        f"no run folder {name} to resume (looked in {workspace.runs}); use --resume latest or a folder name"
+    )
+
+
+def _resumable(run: Path) -> bool:
+    return (run / "config.json").is_file() and not is_finished(run)
+
+
+def training_log_csv(history: dict[str, list[float]]) -> bytes:
+    """The history as CSVLogger would write it: an epoch column, then the metrics in name order."""
+    keys = sorted(history)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["epoch", *keys])
+    for epoch in range(len(next(iter(history.values()), []))):
+        writer.writerow([epoch, *(repr(history[key][epoch]) for key in keys)])
+    return buffer.getvalue().encode("utf-8")
+
+
+class RunBackup:
+    """Saves and restores a run's training state; `writes` is False on the non-chief workers."""
+
+    def __init__(self, run: Path, full_model, state: TrainingState, writes: bool = True):
+        self.run = run
+        self.full_model = full_model
+        self.state = state
+        self.writes = writes
+        self.directory = backup_dir(run)
+        self._started = time.monotonic()
+        self._seconds_before = state.seconds
+
+    def elapsed(self) -> float:
+        """Seconds of training in this process and in the ones before it that the run resumed from."""
+        return self._seconds_before + time.monotonic() - self._started
+
+    def save(self, checkpoint, optimizer=None, early_stopping=None) -> None:
+        """Commit the current state: weights and optimizer in a new folder, then state.json naming it."""
+        state = self.state
+        state.best = checkpoint.state()
+        state.early_stopping = early_stopping.state() if early_stopping is not None else {}
+        state.has_optimizer = optimizer is not None
+        state.seconds = self.elapsed()
+        if not self.writes:
+            return
+        name = f"epoch-{state.epochs_done:04d}-phase-{state.phase}"
+        folder = self.directory / name
+        partial = self.directory / f".{name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        self.full_model.save_weights(partial / "model.weights.h5")
+        if optimizer is not None:
+            np.savez(partial / "optimizer.npz", *[np.asarray(v) for v in _variable_values(optimizer)])
+        best = checkpoint.best_weights
+        if best is not None:
+            np.savez(partial / "best.npz", *best)
+        shutil.rmtree(folder, ignore_errors=True)
+        partial.rename(folder)
+        state.folder = name
+        write_json(self.directory / STATE, asdict(state))
+        write_atomic(self.run / "training_log.csv", training_log_csv(state.history))
+        for old in self.directory.iterdir():
+            if old.is_dir() and old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def restore_weights(self) -> bool:
+        """Load the saved model weights into the full model; False when there are none yet."""
+        folder = self._folder()
+        if folder is None:
+            return False
+        self.full_model.load_weights(folder / "model.weights.h5")
+        return True
+
+    def restore_optimizer(self, model, optimizer) -> None:
+        """Rebuild `optimizer` for `model` and put its saved variables (step count, moments) back."""
+        folder = self._folder()
+        if folder is None or not self.state.has_optimizer:
+            return
+        with np.load(folder / "optimizer.npz") as saved:
+            values = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+        if not optimizer.built:
+            optimizer.build(model.trainable_variables)
+        variables = optimizer.variables
+        if len(variables) != len(values):
+            raise UserError(
+                f"the backup in {folder} does not match this model ({len(values)} optimizer variables saved, "
+                f"{len(variables)} now); start the run again without --resume"
+            )
+        for variable, value in zip(variables, values, strict=True):
+            variable.assign(value)
+
+    def best_weights(self) -> list[np.ndarray] | None:
+        folder = self._folder()
+        if folder is None or not (folder / "best.npz").is_file():
+            return None
+        with np.load(folder / "best.npz") as saved:
+            return [saved[f"arr_{i}"] for i in range(len(saved.files))]
+
+    def remove(self) -> None:
+        """The run finished: its final files replace the backup."""
+        if self.writes:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _folder(self) -> Path | None:
+        if not self.state.folder:
+            return None
+        folder = self.directory / self.state.folder
+        if not folder.is_dir():
+            raise UserError(f"the backup folder {folder} is missing; start the run again without --resume")
+        return folder
+
+
+def _variable_values(optimizer) -> list:
+    return [variable.numpy() for variable in optimizer.variables]
+
+
+class GracefulStop:
+    """The first Ctrl-C (or SIGTERM, as `docker stop` sends) asks training to stop after the epoch in progress.
+
+    A second Ctrl-C stops at once; the last finished epoch is still in the backup either way.
+    """
+
+    def __init__(self, print_fn=print):
+        self.requested = False
+        self.print_fn = print_fn
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.print_fn("\nStopping after this epoch, once it is saved (Ctrl-C again to stop now)...")
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(ValueError, OSError):
+                    self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
