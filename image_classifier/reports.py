@@ -132,7 +132,8 @@ def list_runs(workspace: Workspace) -> list[str]:
     return sorted(
         path.name
         for path in workspace.runs.iterdir()
-        if not path.is_symlink() and (path / "model.keras").is_file()
+        if not path.is_symlink()
+        and (path / "metrics.json").is_file()  # written last: an unfinished run has none
     )
 
 
