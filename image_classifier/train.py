@@ -15,6 +15,7 @@ import io
 import json
 import platform
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 
 from .config import Workspace
 from .dataset import Dataset
+from .distribute import check_strategy
 from .errors import UserError
 from .models import DEFAULT_MODEL, ModelSpec, check_image_size, check_weights, get_spec
 from .preprocess import DEFAULT_RESIZE, DEFAULT_SPLIT, PreprocessOptions, prepare_dataset
@@ -57,6 +59,7 @@ class TrainConfig:
     resize: str = DEFAULT_RESIZE
     split: tuple[float, float, float] = DEFAULT_SPLIT
     dedupe: str = "exact"
+    distribute: str = "none"
     workers: int = field(default=0, compare=False)
 
     def resolve(self) -> TrainConfig:
@@ -96,6 +99,7 @@ class TrainConfig:
             )
         check_image_size(spec, resolved.image_size)
         check_weights(spec, resolved.weights)
+        check_strategy(resolved.distribute)
         return resolved
 
     @property
@@ -163,8 +167,8 @@ def _predict_probabilities(model, x: np.ndarray, batch_size: int) -> np.ndarray:
     return model.predict(images_only(image_batches(x, np.zeros(len(x), np.int32), batch_size)), verbose=0)
 
 
-def train(config: TrainConfig, workspace: Workspace, print_fn=print) -> Path:
-    """Run the whole stage; returns the run folder."""
+def train(config: TrainConfig, workspace: Workspace, print_fn=print) -> Path | None:
+    """Run the whole stage; returns the run folder (None on a multi-worker run's other workers)."""
     config = config.resolve()
     dataset = prepare_dataset(config.preprocess_options(), workspace, print_fn=print_fn)
     return train_on_dataset(config, dataset, workspace, print_fn=print_fn)
@@ -174,7 +178,7 @@ RESUME_KEEPS = frozenset({"workers"})
 """Options a resumed run may take from the new command line; every other one is the run's own."""
 
 
-def resume(workspace: Workspace, name: str, given: dict, print_fn=print) -> Path:
+def resume(workspace: Workspace, name: str, given: dict, print_fn=print) -> Path | None:
     """Continue an interrupted run from its last finished epoch, with the options it was started with.
 
     `given` holds the training options typed on this command line; one that differs from the run's
@@ -224,7 +228,7 @@ def _shown(value) -> str:
     return str(value)
 
 
-def _write_config(run: Path, config: TrainConfig, dataset: Dataset, labels) -> None:
+def _write_config(run: Path, config: TrainConfig, dataset: Dataset, labels, distribution) -> None:
     from .runs import write_json
 
     spec = config.spec
@@ -241,6 +245,13 @@ def _write_config(run: Path, config: TrainConfig, dataset: Dataset, labels) -> N
                 "counts": dataset.info["counts"],
                 "splits_given": dataset.info["splits_given"],
             },
+            "distribution": {
+                "strategy": distribution.name,
+                "replicas": distribution.replicas,
+                "workers": distribution.workers,
+                "global_batch_size": distribution.global_batch(config.batch_size),
+                "learning_rate": distribution.scaled_learning_rate(config.learning_rate),
+            },
             "versions": _versions(),
             "command": sys.argv,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -255,60 +266,80 @@ def train_on_dataset(
     print_fn=print,
     run: Path | None = None,
     state=None,
-) -> Path:
-    """Train, evaluate and save; with `run` and `state`, continue that interrupted run instead of a new one."""
+) -> Path | None:
+    """Train, evaluate and save; with `run` and `state`, continue that interrupted run instead of a new one.
+
+    Under a multi-worker strategy every worker runs this; only the chief writes the run folder (and
+    returns it), the others return None.
+    """
     from .callbacks import BestModelCheckpoint, EpochBackup, EpochTimer, ResumableEarlyStopping
-    from .evaluate import compute_metrics, format_report, plot_confusion_matrix
+    from .distribute import make_distribution
     from .models import build_model, unfreeze_top
-    from .pipeline import image_batches, images_only, make_augmenter
+    from .pipeline import batch_source, images_only, make_augmenter
     from .resume import FINISHED, GracefulStop, RunBackup, TrainingState
-    from .runs import create_run, mark_latest, save_model_atomic, write_json, write_pickle
-    from .tensorboard_logging import log_run_summaries
+    from .runs import create_run
     from .tf_env import import_keras
 
+    distribution = make_distribution(config.distribute)  # first: multi-worker needs it before any TF work
+    chief = distribution.is_chief
     keras = import_keras()
     keras.utils.set_random_seed(config.seed)
     spec = config.spec
     labels = dataset.labels
-    built = build_model(
-        spec,
-        len(labels),
-        config.image_size,
-        resize=config.resize,
-        weights=config.weights,
-        dropout=config.dropout,
-        dense_units=config.dense_units,
-        l2=config.l2,
-    )
+    with distribution.scope():
+        built = build_model(
+            spec,
+            len(labels),
+            config.image_size,
+            resize=config.resize,
+            weights=config.weights,
+            dropout=config.dropout,
+            dense_units=config.dense_units,
+            l2=config.l2,
+        )
     x_train, y_train = dataset.arrays("train")
     x_val, y_val = dataset.arrays("validation")
-    x_test, y_test = dataset.arrays("test")
+    per_replica = config.batch_size
+    if distribution.replicas > 1:
+        print_fn(
+            f"Distributed ({distribution.name}): {distribution.replicas} replicas on {distribution.workers} "
+            f"worker(s), this is worker {distribution.worker_index}{' (chief)' if chief else ''}; global batch "
+            f"{distribution.global_batch(per_replica)}, learning rates x{distribution.replicas}"
+        )
 
+    scratch = None
     if run is None:
-        run = create_run(workspace, spec.name)
-        print_fn(f"Run folder: {run}")
-        _write_config(run, config, dataset, labels)
+        if chief:
+            run = create_run(workspace, spec.name)
+            print_fn(f"Run folder: {run}")
+            _write_config(run, config, dataset, labels, distribution)
+        else:
+            scratch = tempfile.TemporaryDirectory(prefix="image-classifier-worker-")
+            run = Path(scratch.name)  # never written: only the chief writes a run folder
     state = state or TrainingState()
-    backup = RunBackup(run, built.model, state)
-    checkpoint = BestModelCheckpoint(built.model, run / "model.keras")
+    backup = RunBackup(run, built.model, state, writes=chief)
+    checkpoint = BestModelCheckpoint(built.model, run / "model.keras", writes=chief)
     if state.epochs_done or state.phase > 1:
-        checkpoint.load_state(state.best, backup.best_weights())
-        backup.restore_weights()
+        with distribution.scope():
+            checkpoint.load_state(state.best, backup.best_weights())
+            backup.restore_weights()
         print_fn(f"Resuming {run} after epoch {state.epochs_done} (phase {min(state.phase, 2)})")
     timer = EpochTimer()
     class_weight = _class_weights(config, y_train, len(labels))
     augmenter = make_augmenter(config.seed) if config.augment else None
-    val_batches = image_batches(x_val, y_val, config.batch_size)
     stop = GracefulStop(print_fn)
 
-    def fit(model, learning_rate: float, x, epochs: int, validation, **data) -> None:
+    def fit(model, learning_rate: float, train_source, validation_source, epochs: int) -> None:
         """One phase: compile, put back a resumed phase's optimizer, fit from the first unfinished epoch."""
-        model.compile(
-            optimizer=_optimizer(keras, config.optimizer, learning_rate),
-            loss=keras.losses.SparseCategoricalCrossentropy(),
-            metrics=["accuracy"],
-        )
-        backup.restore_optimizer(model, model.optimizer)
+        with distribution.scope():
+            model.compile(
+                optimizer=_optimizer(
+                    keras, config.optimizer, distribution.scaled_learning_rate(learning_rate)
+                ),
+                loss=keras.losses.SparseCategoricalCrossentropy(),
+                metrics=["accuracy"],
+            )
+            backup.restore_optimizer(model, model.optimizer)
         early_stopping = None
         if config.early_stopping > 0:
             early_stopping = ResumableEarlyStopping(config.early_stopping, state.early_stopping)
@@ -318,21 +349,21 @@ def train_on_dataset(
             return
         callbacks = [
             timer,  # first, so the seconds it adds to the logs reach TensorBoard and the history
-            keras.callbacks.TensorBoard(log_dir=str(run / "logs")),
+            *([keras.callbacks.TensorBoard(log_dir=str(run / "logs"))] if chief else []),
             checkpoint,
             *([early_stopping] if early_stopping else []),
             EpochBackup(backup, checkpoint, early_stopping, stop),  # last: it saves what the others decided
         ]
         with stop:
             model.fit(
-                x,
+                distribution.dataset(train_source, per_replica),
                 epochs=epochs,
                 initial_epoch=state.epochs_done,
-                validation_data=validation,
-                class_weight=class_weight,
+                steps_per_epoch=distribution.steps(len(y_train), per_replica),
+                validation_data=distribution.dataset(validation_source, per_replica),
+                validation_steps=distribution.steps(len(y_val), per_replica),
                 callbacks=callbacks,
                 verbose=2,
-                **data,
             )
         if stop.requested:
             raise Interrupted(run, state.epochs_done)
@@ -344,10 +375,11 @@ def train_on_dataset(
         state.early_stopping = {}
         backup.save(checkpoint)
 
-    def train_batches():
-        return image_batches(
-            x_train, y_train, config.batch_size, shuffle=True, seed=config.seed, augmenter=augmenter
-        )
+    def images(x, y, train: bool):
+        return batch_source(
+            x, y, shuffle=train, seed=config.seed, augmenter=augmenter if train else None,
+            class_weight=class_weight if train else None,
+        )  # fmt: skip
 
     try:
         if state.phase == 1:
@@ -355,34 +387,35 @@ def train_on_dataset(
                 print_fn(
                     f"Phase 1: computing {spec.name} features once for {len(y_train) + len(y_val)} images"
                 )
-                train_features = built.features.predict(
-                    images_only(image_batches(x_train, y_train, config.batch_size)), verbose=1
+                features = distribution.local_copy(built.features)  # each worker computes all, no collectives
+                train_features, val_features = (
+                    features.predict(images_only(images(x, y, train=False)(per_replica)), verbose=1)
+                    for x, y in ((x_train, y_train), (x_val, y_val))
                 )
-                val_features = built.features.predict(images_only(val_batches), verbose=1)
                 print_fn(f"Phase 1: training the head on cached features for up to {config.epochs} epochs")
+                train_source = batch_source(
+                    train_features, y_train, shuffle=True, seed=config.seed, class_weight=class_weight
+                )
                 fit(
-                    built.head, config.learning_rate, train_features, config.epochs, (val_features, y_val),
-                    y=y_train, batch_size=config.batch_size, shuffle=True,
-                )  # fmt: skip
+                    built.head,
+                    config.learning_rate,
+                    train_source,
+                    batch_source(val_features, y_val),
+                    config.epochs,
+                )
             else:
                 what = "the head on the frozen backbone" if spec.pretrained else f"{spec.name} from scratch"
                 print_fn(f"Phase 1: training {what} for up to {config.epochs} epochs")
-                # shuffle=False: the tf.data pipeline reshuffles every epoch itself
                 fit(
-                    built.model,
-                    config.learning_rate,
-                    train_batches(),
-                    config.epochs,
-                    val_batches,
-                    shuffle=False,
-                )
+                    built.model, config.learning_rate, images(x_train, y_train, train=True),
+                    images(x_val, y_val, train=False), config.epochs,
+                )  # fmt: skip
             fine_tunes = bool(spec.pretrained and config.fine_tune_layers and config.fine_tune_epochs)
             if fine_tunes:
                 state.fine_tune_start = state.epochs_done
             end_phase(2 if fine_tunes else FINISHED)
 
         if state.phase == 2:
-            fine_tune_start = state.fine_tune_start
             unfrozen = unfreeze_top(built, config.fine_tune_layers)
             print_fn(
                 f"Phase 2: fine-tuning the top {config.fine_tune_layers} backbone layers ({unfrozen} with weights, "
@@ -390,8 +423,8 @@ def train_on_dataset(
                 f"{config.fine_tune_epochs} epochs"
             )
             fit(
-                built.model, config.fine_tune_learning_rate, train_batches(), fine_tune_start + config.fine_tune_epochs,
-                val_batches, shuffle=False,
+                built.model, config.fine_tune_learning_rate, images(x_train, y_train, train=True),
+                images(x_val, y_val, train=False), state.fine_tune_start + config.fine_tune_epochs,
             )  # fmt: skip
             end_phase(FINISHED)
     except KeyboardInterrupt as error:
@@ -399,15 +432,33 @@ def train_on_dataset(
             raise
         raise Interrupted(run, state.epochs_done) from None
 
+    checkpoint.restore_best()
+    if not chief:
+        print_fn(f"Worker {distribution.worker_index} done; the chief writes the run folder.")
+        if scratch is not None:
+            scratch.cleanup()
+        return None
+    model = distribution.local_copy(built.model)  # outside the strategy: no collectives in what follows
+    _finish_run(config, dataset, workspace, run, model, state, checkpoint, backup, print_fn)
+    return run
+
+
+def _finish_run(config, dataset, workspace, run, model, state, checkpoint, backup, print_fn) -> None:
+    """The chief's last step: the model, history, test evaluation and reports, then the backup goes."""
+    from .evaluate import compute_metrics, format_report, plot_confusion_matrix
+    from .runs import mark_latest, save_model_atomic, write_json, write_pickle
+    from .tensorboard_logging import log_run_summaries
+
+    spec, labels = config.spec, dataset.labels
+    x_test, y_test = dataset.arrays("test")
     history = state.history
     fine_tune_start = state.fine_tune_start
-    checkpoint.restore_best()
-    save_model_atomic(built.model, run / "model.keras")
+    save_model_atomic(model, run / "model.keras")
     write_pickle(run / "history.pickle", history)
     write_json(run / "history.json", history)
     train_seconds = backup.elapsed()
 
-    probabilities = _predict_probabilities(built.model, x_test, config.batch_size)
+    probabilities = _predict_probabilities(model, x_test, config.batch_size)
     metrics = compute_metrics(probabilities, np.asarray(y_test), labels)
     metrics["training"] = {
         "epochs_run": len(history["loss"]),
@@ -437,7 +488,6 @@ def train_on_dataset(
     print_fn(f"Test accuracy: {metrics['test_accuracy']:.4f}")
     print_fn(format_report(metrics))
     print_fn(f"Run saved to: {run}")
-    return run
 
 
 class Interrupted(KeyboardInterrupt):

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from image_classifier import cli
+from image_classifier.distribute import STRATEGIES
 from image_classifier.models import DEFAULT_MODEL, REGISTRY
 from image_classifier.train import OPTIMIZERS, TrainConfig, resume, train
 
@@ -57,7 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="most epochs of the first phase (default: 20 "
         "for backbones, 30 for mlp and cnn); early stopping may end sooner",
     )
-    training.add_argument("--batch-size", type=cli.positive_int, default=32, help="images per training step")
+    training.add_argument(
+        "--batch-size",
+        type=cli.positive_int,
+        default=32,
+        help="images per training step (per replica with --distribute)",
+    )
     training.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="sgd uses momentum 0.9")
     training.add_argument("--learning-rate", type=cli.positive_float, help="(default: 0.001)")
     training.add_argument(
@@ -96,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto weighs rare categories up (for unbalanced folders)",
     )
     training.add_argument("--seed", type=int, default=0, help="for the split, shuffling and initial weights")
+    training.add_argument(
+        "--distribute",
+        choices=STRATEGIES,
+        default="none",
+        help="tf.distribute strategy: mirrored uses every GPU of this machine; multi-worker runs the same "
+        "command on every machine of $TF_CONFIG (each reads its share of the data; the chief writes the run); "
+        "the batch size is per replica and the learning rate is multiplied by the number of replicas",
+    )
     training.add_argument(
         "--resume",
         metavar="RUN",
@@ -140,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         resize=args.resize,
         split=args.split,
         dedupe=args.dedupe,
+        distribute=args.distribute,
         workers=args.workers,
     )
     train(config, workspace)
