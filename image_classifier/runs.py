@@ -3,7 +3,8 @@
 runs/<YYYYmmdd-HHMMSS>-<model>/
     model.keras  labels.json  config.json  metrics.json  confusion_matrix.png
     history.pickle  history.json  training_log.csv  test_predictions.csv  logs/ (TensorBoard)
-runs/latest -> the newest run
+    backup/ (only while training: what --resume continues from, see resume.py)
+runs/latest -> the newest finished run
 """
 
 from __future__ import annotations
