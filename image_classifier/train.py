@@ -362,6 +362,7 @@ def train_on_dataset(
                 steps_per_epoch=distribution.steps(len(y_train), per_replica),
                 validation_data=distribution.dataset(validation_source, per_replica),
                 validation_steps=distribution.steps(len(y_val), per_replica),
+                shuffle=False,  # the tf.data pipeline reshuffles every epoch itself
                 callbacks=callbacks,
                 verbose=2,
             )
