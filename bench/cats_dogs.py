@@ -3,8 +3,8 @@
     python bench/cats_dogs.py [--quick|--full] [--images-dir ../shared/datasets/cats_and_dogs_small]
 
 Runs six recipes on cats_and_dogs_small (2000 train, 1000 validation, 1000 test photos, the splits of
-Deep Learning with Python ch. 5) and prints a markdown table, also written to docs/benchmarks.md with
-the date, machine, library versions and the exact commands:
+Deep Learning with Python ch. 5) and prints a markdown table, also written to docs/benchmarks.md
+(--full: docs/benchmarks-full.md) with the date, machine, library versions and the exact commands:
 
 1. small CNN from scratch, 150x150, no dropout, no early stopping (the book: 71%, 30 epochs)
 2. the same with augmentation and dropout 0.5 (the book: 82%, 100 epochs)
@@ -52,7 +52,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = ROOT.parent / "shared" / "datasets" / "cats_and_dogs_small"
 SHARED_WEIGHTS = ROOT.parent / "shared" / "weights" / "keras" / "models"
-OUTPUT = ROOT / "docs" / "benchmarks.md"
+OUTPUTS = {"quick": ROOT / "docs" / "benchmarks.md", "full": ROOT / "docs" / "benchmarks-full.md"}
 RUN_ORDER = (5, 6, 3, 4, 1, 2)
 
 
@@ -267,7 +267,7 @@ def targets(rows: list[Recipe], mode: str) -> list[str]:
     return out
 
 
-def document(rows: list[Recipe], mode: str, started: dt.datetime, finished: bool) -> str:
+def document(rows: list[Recipe], mode: str, started: dt.datetime, finished: bool, order=RUN_ORDER) -> str:
     total = sum(recipe.result.get("seconds", 0) for recipe in rows)
     rel_images = "../shared/datasets/cats_and_dogs_small"
     commands = "\n".join(
@@ -279,12 +279,18 @@ def document(rows: list[Recipe], mode: str, started: dt.datetime, finished: bool
         if finished
         else "\n**Incomplete: the run was still going (or was stopped) when this was written.**\n"
     )
+    rows_option = "" if tuple(order) == RUN_ORDER else f" --rows {','.join(map(str, order))}"
+    other = (
+        "The `--full` run (the book's epochs for rows 1, 2 and 4) is in [benchmarks-full.md](benchmarks-full.md).\n"
+        if mode == "quick"
+        else "The `--quick` run of every row is in [benchmarks.md](benchmarks.md).\n"
+    )
     return f"""# Benchmarks
 
 ## cats_and_dogs_small: Chollet's recipes, the default command and the TF tutorial
 
-`python bench/cats_dogs.py --{mode}`, {started:%Y-%m-%d %H:%M} UTC, {total / 60:.0f} minutes in all.
-{status}
+`python bench/cats_dogs.py --{mode}{rows_option}`, {started:%Y-%m-%d %H:%M} UTC, {total / 60:.0f} minutes in all.
+{status}{other}
 - Machine: {machine()}.
 - Libraries: {versions()}.
 - Data: `../shared/datasets/cats_and_dogs_small`, its train/validation/test folders used as given
@@ -334,10 +340,15 @@ def main() -> None:
     mode.add_argument("--full", action="store_const", dest="mode", const="full", help="the book's epochs")
     parser.add_argument("--images-dir", type=Path, default=DEFAULT_IMAGES)
     parser.add_argument("--rows", default="5,6,3,4,1,2", help="which rows to run, in this order")
-    parser.add_argument("--output", type=Path, default=OUTPUT, help="markdown file to write")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="markdown file to write (docs/benchmarks.md, with --full docs/benchmarks-full.md)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the workspaces and logs")
     args = parser.parse_args()
     mode_name = args.mode or "quick"
+    args.output = args.output or OUTPUTS[mode_name]
     order = [int(n) for n in args.rows.split(",") if n.strip()]
     images_dir = args.images_dir.resolve()
     if not (images_dir / "train").is_dir():
@@ -372,8 +383,8 @@ def main() -> None:
                 flush=True,
             )
             args.output.parent.mkdir(parents=True, exist_ok=True)
-            args.output.write_text(document(rows, mode_name, started, finished=False))
-        args.output.write_text(document(rows, mode_name, started, finished=True))
+            args.output.write_text(document(rows, mode_name, started, finished=False, order=order))
+        args.output.write_text(document(rows, mode_name, started, finished=True, order=order))
     finally:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
