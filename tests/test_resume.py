@@ -83,11 +83,12 @@ def assert_complete(run: Path, epochs: int) -> dict:
 @pytest.mark.slow
 def test_killed_mid_epoch_resumes_to_a_complete_run(tmp_path):
     workspace = tmp_path / "ws"
-    options = [*ANIMAL_OPTIONS, "--model", "cnn", "--image-size", "96", "--epochs", "5", "--seed", "3"]
+    # batches of 8: ten steps an epoch, so the kill lands inside one even on a fast machine
+    options = [*ANIMAL_OPTIONS, "--model", "cnn", "--image-size", "96", "--epochs", "5", "--batch-size", "8"]
     process = start_training(workspace, *options, log=tmp_path / "first.log")
     wait_for(lambda: saved_state(workspace).get("epochs_done") == 2, process)
     wait_for(lambda: "Epoch 3/5" in (tmp_path / "first.log").read_text(), process)
-    time.sleep(0.3)
+    time.sleep(0.2)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     saved = saved_state(workspace)
