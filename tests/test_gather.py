@@ -634,7 +634,8 @@ def test_wikimedia_images_with_licence_author_and_page(web: Web, workspace: Work
     assert len(stored(workspace, "dog")) == 2  # its copy of cat0 is a duplicate across categories
     rows = manifest(workspace)
     assert list(rows[0]) == MANIFEST_FIELDS
-    first = rows[0]
+    # downloads run in parallel: rows are in the order they finished
+    first = next(row for row in rows if row["url"] == web.url("/img/cat0.jpg"))
     assert first["source"] == "wikimedia"
     assert first["licence"] == "CC BY-SA 4.0"
     assert first["author"] == "Jane & Doe"
