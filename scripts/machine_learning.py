@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument(
         "--augment",
         action="store_true",
-        help="random flip, rotation (40 degrees), shifts and zoom (20%%) and contrast while training (slower: backbone "
+        help="random flip, rotation, zoom and contrast while training (slower: backbone "
         "features can no longer be computed once)",
     )
     training.add_argument(
