@@ -72,6 +72,8 @@ class Recipe:
 
 def recipes() -> list[Recipe]:
     cnn = ["--model", "cnn", "--early-stopping", "0"]
+    frozen = ["--model", "mobilenet_v2", "--image-size", "160", "--dense-units", "256", "--dropout", "0.5"]
+    frozen += ["--epochs", "30"]  # the same in both modes
     return [
         Recipe(
             1,
@@ -91,30 +93,8 @@ def recipes() -> list[Recipe]:
             3,
             "feature extraction: frozen MobileNetV2, 160px, Dense(256) head",
             "90-96%",
-            [
-                "--model",
-                "mobilenet_v2",
-                "--image-size",
-                "160",
-                "--dense-units",
-                "256",
-                "--dropout",
-                "0.5",
-                "--epochs",
-                "30",
-            ],
-            [
-                "--model",
-                "mobilenet_v2",
-                "--image-size",
-                "160",
-                "--dense-units",
-                "256",
-                "--dropout",
-                "0.5",
-                "--epochs",
-                "30",
-            ],
+            frozen,
+            frozen,
         ),
         Recipe(
             4,
