@@ -13,6 +13,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import platform
 import sys
 import tempfile
@@ -31,6 +32,7 @@ from .preprocess import DEFAULT_RESIZE, DEFAULT_SPLIT, PreprocessOptions, prepar
 from .runs import write_atomic
 
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
+LR_SCHEDULES = ("cosine", "constant")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class TrainConfig:
     image_size: int | None = None
     optimizer: str = "adam"
     learning_rate: float | None = None
+    lr_schedule: str = "cosine"
     dropout: float | None = None
     dense_units: tuple[int, ...] | None = None
     l2: float = 0.0
@@ -87,6 +90,10 @@ class TrainConfig:
             raise UserError("a classifier needs at least 2 categories; write them like --categories cat,dog")
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"unknown --optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UserError(
+                f"unknown --lr-schedule {self.lr_schedule!r}; choose from {', '.join(LR_SCHEDULES)}"
+            )
         if not 0 <= resolved.dropout < 1:
             raise UserError(f"--dropout must be at least 0 and below 1, got {resolved.dropout}")
         if resolved.l2 < 0:
@@ -116,6 +123,7 @@ class TrainConfig:
         known = {item.name for item in fields(cls)}
         values = {key: value for key, value in options.items() if key in known}
         values["images_dir"] = Path(values["images_dir"])
+        values.setdefault("lr_schedule", "constant")  # runs made before the option existed
         for key in ("categories", "split", "dense_units"):
             if values.get(key) is not None:
                 values[key] = tuple(values[key])
@@ -144,7 +152,14 @@ def _versions() -> dict:
     return versions
 
 
-def _optimizer(keras, name: str, learning_rate: float):
+def _optimizer(keras, name: str, learning_rate: float, schedule: str = "constant", decay_steps: int = 0):
+    """The named optimizer; "cosine" lowers the rate along a half cosine to 0 over `decay_steps` steps.
+
+    The schedule is a function of the optimizer's step count, which the backup restores, so a resumed
+    run continues on the same curve.
+    """
+    if schedule == "cosine" and decay_steps > 0:
+        learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps)
     if name == "sgd":
         return keras.optimizers.SGD(learning_rate, momentum=0.9)
     if name == "rmsprop":
@@ -329,12 +344,19 @@ def train_on_dataset(
     augmenter = make_augmenter(config.seed) if config.augment else None
     stop = GracefulStop(print_fn)
 
-    def fit(model, learning_rate: float, train_source, validation_source, epochs: int) -> None:
-        """One phase: compile, put back a resumed phase's optimizer, fit from the first unfinished epoch."""
+    def fit(
+        model, learning_rate: float, train_source, validation_source, epochs: int, first_epoch: int = 0
+    ) -> None:
+        """One phase (epochs first_epoch..epochs): compile, put back a resumed phase's optimizer, fit."""
+        steps = distribution.steps(len(y_train), per_replica)
         with distribution.scope():
             model.compile(
                 optimizer=_optimizer(
-                    keras, config.optimizer, distribution.scaled_learning_rate(learning_rate)
+                    keras,
+                    config.optimizer,
+                    distribution.scaled_learning_rate(learning_rate),
+                    config.lr_schedule,
+                    (epochs - first_epoch) * math.ceil(len(y_train) / distribution.global_batch(per_replica)),
                 ),
                 loss=keras.losses.SparseCategoricalCrossentropy(),
                 metrics=["accuracy"],
@@ -359,7 +381,7 @@ def train_on_dataset(
                 distribution.dataset(train_source, per_replica),
                 epochs=epochs,
                 initial_epoch=state.epochs_done,
-                steps_per_epoch=distribution.steps(len(y_train), per_replica),
+                steps_per_epoch=steps,
                 validation_data=distribution.dataset(validation_source, per_replica),
                 validation_steps=distribution.steps(len(y_val), per_replica),
                 shuffle=False,  # the tf.data pipeline reshuffles every epoch itself
@@ -420,12 +442,13 @@ def train_on_dataset(
             unfrozen = unfreeze_top(built, config.fine_tune_layers)
             print_fn(
                 f"Phase 2: fine-tuning the top {config.fine_tune_layers} backbone layers ({unfrozen} with weights, "
-                f"BatchNorm frozen) at learning rate {config.fine_tune_learning_rate:g} for up to "
+                f"BatchNorm frozen) at learning rate {config.fine_tune_learning_rate:g} ({config.lr_schedule}) for up to "
                 f"{config.fine_tune_epochs} epochs"
             )
             fit(
                 built.model, config.fine_tune_learning_rate, images(x_train, y_train, train=True),
                 images(x_val, y_val, train=False), state.fine_tune_start + config.fine_tune_epochs,
+                first_epoch=state.fine_tune_start,
             )  # fmt: skip
             end_phase(FINISHED)
     except KeyboardInterrupt as error:

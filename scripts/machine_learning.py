@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from image_classifier import cli
 from image_classifier.distribute import STRATEGIES
 from image_classifier.models import DEFAULT_MODEL, REGISTRY
-from image_classifier.train import OPTIMIZERS, TrainConfig, resume, train
+from image_classifier.train import LR_SCHEDULES, OPTIMIZERS, TrainConfig, resume, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     training.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="sgd uses momentum 0.9")
     training.add_argument("--learning-rate", type=cli.positive_float, help="(default: 0.001)")
+    training.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default="cosine",
+        help="cosine lowers the learning rate smoothly to 0 by the last epoch of each phase; constant keeps it",
+    )
     training.add_argument(
         "--augment",
         action="store_true",
@@ -140,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         image_size=args.image_size,
         optimizer=args.optimizer,
         learning_rate=args.learning_rate,
+        lr_schedule=args.lr_schedule,
         dropout=args.dropout,
         dense_units=None if args.dense_units is None else tuple(args.dense_units),
         l2=args.l2,

@@ -6,6 +6,7 @@ KERAS_HOME must be set before Keras is first imported, so it is set here at impo
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -100,3 +101,22 @@ def run_script(script: str, *args: str, cwd: Path, env: dict | None = None, time
         text=True,
         timeout=timeout,
     )
+
+
+def logged_learning_rates(run: Path) -> list[float]:
+    """The learning rate Keras's TensorBoard callback logged at each epoch's end, over every event file."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util import tensor_util
+
+    rates: dict[int, float] = {}
+    for path in sorted((run / "logs" / "train").glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.tag == "epoch_learning_rate":
+                    rates[event.step] = float(tensor_util.make_ndarray(value.tensor))
+    return [rates[step] for step in sorted(rates)]
+
+
+def cosine_rates(learning_rate: float, epochs: int) -> list[float]:
+    """Keras's CosineDecay to 0 over `epochs` equal epochs, read at each epoch's end."""
+    return [learning_rate * 0.5 * (1 + math.cos(math.pi * (epoch + 1) / epochs)) for epoch in range(epochs)]

@@ -12,8 +12,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
-from conftest import ANIMALS, ROOT, run_script
+from conftest import ANIMALS, ROOT, cosine_rates, logged_learning_rates, run_script
 from test_train import RUN_FILES
 
 from image_classifier.cli import given_options
@@ -108,6 +109,8 @@ def test_killed_mid_epoch_resumes_to_a_complete_run(tmp_path):
     assert metrics["training"]["epochs_run"] == 5 and metrics["test_count"] == 9
     assert (workspace / "runs" / "latest").resolve() == run
     assert all(math.isfinite(value) for value in history["val_loss"])
+    # the optimizer's restored step count keeps the learning rate on the same cosine curve
+    np.testing.assert_allclose(logged_learning_rates(run), cosine_rates(0.001, 5), rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.slow

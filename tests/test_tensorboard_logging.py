@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cosine_rates, logged_learning_rates
 from PIL import Image
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.plugins.hparams import metadata as hparams_metadata
@@ -49,9 +50,10 @@ def test_keras_logs_loss_accuracy_and_learning_rate_per_epoch_for_both_phases(ru
         np.testing.assert_allclose(logged, history[key], rtol=1e-5)
         logged = [scalar(validation[tag][step]) for step in range(3)]
         np.testing.assert_allclose(logged, history[f"val_{key}"], rtol=1e-5)
-    rates = [scalar(train["epoch_learning_rate"][step]) for step in range(3)]
-    expected = [config["learning_rate"]] * 2 + [config["fine_tune_learning_rate"]]
-    np.testing.assert_allclose(rates, expected, rtol=1e-6)
+    # the default cosine schedule, restarted for the fine-tuning phase
+    expected = cosine_rates(config["learning_rate"], 2) + cosine_rates(config["fine_tune_learning_rate"], 1)
+    np.testing.assert_allclose(logged_learning_rates(runs.transfer), expected, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(logged_learning_rates(runs.cnn), cosine_rates(0.001, 3), rtol=1e-6, atol=1e-9)
 
 
 def test_options_are_logged_as_hyperparameters(runs):

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ANIMALS, SHARED_WEIGHTS, make_image_folders, run_script, tree_digest
+from conftest import (
+    ANIMALS,
+    SHARED_WEIGHTS,
+    logged_learning_rates,
+    make_image_folders,
+    run_script,
+    tree_digest,
+)
 
 from image_classifier.config import Workspace
 from image_classifier.train import TrainConfig, train
@@ -96,6 +103,7 @@ def test_transfer_learning_with_every_option(images, tmp_path, keras_home):
         batch_size=8,
         optimizer="sgd",
         learning_rate=0.01,
+        lr_schedule="constant",
         dropout=0.1,
         dense_units=(16,),
         l2=1e-4,
@@ -119,6 +127,7 @@ def test_transfer_learning_with_every_option(images, tmp_path, keras_home):
     options = json.loads((run / "config.json").read_text())["options"]
     assert options["fine_tune_learning_rate"] == pytest.approx(0.001)
     assert options["resize"] == "pad" and options["augment"] is True
+    assert logged_learning_rates(run) == pytest.approx([0.01, 0.01, 0.001, 0.001])
 
 
 def test_cached_features_and_weights_from_a_file(images, tmp_path):
@@ -229,7 +238,7 @@ def test_help_documents_every_option(tmp_path):
     assert result.returncode == 0
     for option in (
         "--categories", "--images-dir", "--workspace", "--model", "--epochs", "--batch-size", "--image-size",
-        "--optimizer", "--learning-rate", "--dropout", "--dense-units", "--l2", "--augment", "--fine-tune-layers",
+        "--optimizer", "--learning-rate", "--lr-schedule", "--dropout", "--dense-units", "--l2", "--augment", "--fine-tune-layers",
         "--fine-tune-epochs", "--early-stopping", "--class-weight", "--seed", "--weights",
     ):  # fmt: skip
         assert option in result.stdout
