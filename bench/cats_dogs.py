@@ -160,6 +160,14 @@ def run_recipe(recipe: Recipe, mode: str, images_dir: Path, scratch: Path, env: 
     return result
 
 
+def seeded_keras_home(folder: Path) -> Path:
+    """A KERAS_HOME holding copies of ../shared/weights, where Keras's own loader finds them offline."""
+    (folder / "models").mkdir(parents=True)
+    for weights in SHARED_WEIGHTS.glob("*.h5"):
+        shutil.copy2(weights, folder / "models" / weights.name)
+    return folder
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -335,10 +343,7 @@ def main() -> None:
         parser.error(f"{images_dir} has no train/ folder")
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-cats-dogs-"))
-    keras_home = scratch / "keras"
-    (keras_home / "models").mkdir(parents=True)
-    for weights in SHARED_WEIGHTS.glob("*.h5"):
-        shutil.copy2(weights, keras_home / "models" / weights.name)
+    keras_home = seeded_keras_home(scratch / "keras")
     env = dict(os.environ, KERAS_HOME=str(keras_home), TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
     env.pop("WORKSPACE", None)
 
