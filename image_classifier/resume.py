@@ -154,7 +154,7 @@ class RunBackup:
         partial.mkdir(parents=True)
         self.full_model.save_weights(partial / "model.weights.h5")
         if optimizer is not None:
-            np.savez(partial / "optimizer.npz", *[np.asarray(v) for v in _variable_values(optimizer)])
+            np.savez(partial / "optimizer.npz", *[variable.numpy() for variable in optimizer.variables])
         best = checkpoint.best_weights
         if best is not None:
             np.savez(partial / "best.npz", *best)
@@ -167,21 +167,18 @@ class RunBackup:
             if old.is_dir() and old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def restore_weights(self) -> bool:
-        """Load the saved model weights into the full model; False when there are none yet."""
+    def restore_weights(self) -> None:
+        """Load the saved model weights into the full model, when there are any yet."""
         folder = self._folder()
-        if folder is None:
-            return False
-        self.full_model.load_weights(folder / "model.weights.h5")
-        return True
+        if folder is not None:
+            self.full_model.load_weights(folder / "model.weights.h5")
 
     def restore_optimizer(self, model, optimizer) -> None:
         """Rebuild `optimizer` for `model` and put its saved variables (step count, moments) back."""
         folder = self._folder()
         if folder is None or not self.state.has_optimizer:
             return
-        with np.load(folder / "optimizer.npz") as saved:
-            values = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+        values = _arrays(folder / "optimizer.npz")
         if not optimizer.built:
             optimizer.build(model.trainable_variables)
         variables = optimizer.variables
@@ -197,8 +194,7 @@ class RunBackup:
         folder = self._folder()
         if folder is None or not (folder / "best.npz").is_file():
             return None
-        with np.load(folder / "best.npz") as saved:
-            return [saved[f"arr_{i}"] for i in range(len(saved.files))]
+        return _arrays(folder / "best.npz")
 
     def remove(self) -> None:
         """The run finished: its final files replace the backup."""
@@ -214,8 +210,10 @@ class RunBackup:
         return folder
 
 
-def _variable_values(optimizer) -> list:
-    return [variable.numpy() for variable in optimizer.variables]
+def _arrays(path: Path) -> list[np.ndarray]:
+    """The arrays np.savez(path, *arrays) wrote, in their order."""
+    with np.load(path) as saved:
+        return [saved[f"arr_{i}"] for i in range(len(saved.files))]
 
 
 class GracefulStop:

@@ -29,7 +29,7 @@ from .distribute import check_strategy
 from .errors import UserError
 from .models import DEFAULT_MODEL, ModelSpec, check_image_size, check_weights, get_spec
 from .preprocess import DEFAULT_RESIZE, DEFAULT_SPLIT, PreprocessOptions, prepare_dataset
-from .runs import write_atomic
+from .runs import write_atomic, write_json
 
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
@@ -244,8 +244,6 @@ def _shown(value) -> str:
 
 
 def _write_config(run: Path, config: TrainConfig, dataset: Dataset, labels, distribution) -> None:
-    from .runs import write_json
-
     spec = config.spec
     write_json(run / "labels.json", labels)
     write_json(
@@ -470,7 +468,7 @@ def train_on_dataset(
 def _finish_run(config, dataset, workspace, run, model, state, checkpoint, backup, print_fn) -> None:
     """The chief's last step: the model, history, test evaluation and reports, then the backup goes."""
     from .evaluate import compute_metrics, format_report, plot_confusion_matrix
-    from .runs import mark_latest, save_model_atomic, write_json, write_pickle
+    from .runs import mark_latest, save_model_atomic, write_pickle
     from .tensorboard_logging import log_run_summaries
 
     spec, labels = config.spec, dataset.labels
