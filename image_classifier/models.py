@@ -29,6 +29,8 @@ class ModelSpec:
     dropout: float = 0.2
     epochs: int = 20
     learning_rate: float = 1e-3
+    lr_schedule: str = "constant"
+    """Backbone heads converge in a few epochs and early stopping picks one; long from-scratch runs anneal."""
     fine_tune_layers: int = 0
     fine_tune_epochs: int = 0
     notes: str = field(default="", compare=False)
@@ -65,6 +67,7 @@ REGISTRY: dict[str, ModelSpec] = {
             dense_units=(512, 256),
             dropout=0.3,
             epochs=30,
+            lr_schedule="cosine",
             notes="dense layers on the flattened pixels, as in the classic tutorial",
         ),
         ModelSpec(
@@ -76,6 +79,7 @@ REGISTRY: dict[str, ModelSpec] = {
             dense_units=(512,),
             dropout=0.5,
             epochs=30,
+            lr_schedule="cosine",
             notes="a small Conv2D/MaxPooling network from scratch (Chollet, ch. 5)",
         ),
         _backbone("mobilenet_v2", "MobileNetV2", "tf"),

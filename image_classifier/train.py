@@ -47,7 +47,7 @@ class TrainConfig:
     image_size: int | None = None
     optimizer: str = "adam"
     learning_rate: float | None = None
-    lr_schedule: str = "cosine"
+    lr_schedule: str | None = None
     dropout: float | None = None
     dense_units: tuple[int, ...] | None = None
     l2: float = 0.0
@@ -73,6 +73,7 @@ class TrainConfig:
             epochs=self.epochs or spec.epochs,
             image_size=self.image_size or spec.default_image_size,
             learning_rate=self.learning_rate or spec.learning_rate,
+            lr_schedule=self.lr_schedule or spec.lr_schedule,
             dropout=spec.dropout if self.dropout is None else self.dropout,
             dense_units=spec.dense_units if self.dense_units is None else tuple(self.dense_units),
             fine_tune_layers=spec.fine_tune_layers
@@ -90,9 +91,9 @@ class TrainConfig:
             raise UserError("a classifier needs at least 2 categories; write them like --categories cat,dog")
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"unknown --optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
-        if self.lr_schedule not in LR_SCHEDULES:
+        if resolved.lr_schedule not in LR_SCHEDULES:
             raise UserError(
-                f"unknown --lr-schedule {self.lr_schedule!r}; choose from {', '.join(LR_SCHEDULES)}"
+                f"unknown --lr-schedule {resolved.lr_schedule!r}; choose from {', '.join(LR_SCHEDULES)}"
             )
         if not 0 <= resolved.dropout < 1:
             raise UserError(f"--dropout must be at least 0 and below 1, got {resolved.dropout}")

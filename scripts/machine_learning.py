@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument(
         "--lr-schedule",
         choices=LR_SCHEDULES,
-        default="cosine",
-        help="cosine lowers the learning rate smoothly to 0 by the last epoch of each phase; constant keeps it",
+        help="cosine lowers the learning rate smoothly to 0 by the last epoch of each phase; constant keeps it "
+        "(default: cosine for mlp and cnn, constant for backbones)",
     )
     training.add_argument(
         "--augment",

@@ -12,6 +12,7 @@ import pytest
 from conftest import (
     ANIMALS,
     SHARED_WEIGHTS,
+    cosine_rates,
     logged_learning_rates,
     make_image_folders,
     run_script,
@@ -103,7 +104,7 @@ def test_transfer_learning_with_every_option(images, tmp_path, keras_home):
         batch_size=8,
         optimizer="sgd",
         learning_rate=0.01,
-        lr_schedule="constant",
+        lr_schedule="cosine",
         dropout=0.1,
         dense_units=(16,),
         l2=1e-4,
@@ -127,7 +128,9 @@ def test_transfer_learning_with_every_option(images, tmp_path, keras_home):
     options = json.loads((run / "config.json").read_text())["options"]
     assert options["fine_tune_learning_rate"] == pytest.approx(0.001)
     assert options["resize"] == "pad" and options["augment"] is True
-    assert logged_learning_rates(run) == pytest.approx([0.01, 0.01, 0.001, 0.001])
+    np.testing.assert_allclose(
+        logged_learning_rates(run), cosine_rates(0.01, 2) + cosine_rates(0.001, 2), rtol=1e-6, atol=1e-9
+    )
 
 
 def test_cached_features_and_weights_from_a_file(images, tmp_path):
@@ -277,3 +280,14 @@ def test_default_command_on_real_photos(tmp_path):
     assert accuracy >= 0.75, result.stdout  # chance is 0.33
     run = Path(re.search(r"^Run saved to: (.+)$", result.stdout, re.M).group(1))
     assert {p.name for p in run.iterdir()} >= RUN_FILES
+
+
+def test_learning_rate_schedule_defaults_per_model_and_for_older_runs(tmp_path):
+    common = {"categories": ("a", "b"), "images_dir": tmp_path}
+    assert TrainConfig(model="cnn", **common).resolve().lr_schedule == "cosine"
+    assert TrainConfig(model="mobilenet_v2", **common).resolve().lr_schedule == "constant"
+    assert TrainConfig(model="mlp", lr_schedule="constant", **common).resolve().lr_schedule == "constant"
+    options = TrainConfig(model="cnn", **common).resolve().options()
+    assert TrainConfig.from_options(options).lr_schedule == "cosine"
+    del options["lr_schedule"]  # a config.json written before the option existed: those runs had no schedule
+    assert TrainConfig.from_options(options).lr_schedule == "constant"
