@@ -29,7 +29,7 @@ CHANGES: list[tuple[str, ...]] = [
     ("--dropout", "0.5"),
     ("--learning-rate", "0.01"),
     ("--learning-rate", "0.0001"),
-    ("--lr-schedule", "constant"),
+    ("--lr-schedule", "cosine"),
     ("--optimizer", "sgd"),
     ("--optimizer", "rmsprop"),
     ("--dense-units", "256"),
