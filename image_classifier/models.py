@@ -30,6 +30,8 @@ class ModelSpec:
     epochs: int = 20
     learning_rate: float = 1e-3
     lr_schedule: str = "constant"
+    batch_norm: bool = False
+    """BatchNormalization in each conv block (cnn only)."""
     """Backbone heads converge in a few epochs and early stopping picks one; long from-scratch runs anneal."""
     fine_tune_layers: int = 0
     fine_tune_epochs: int = 0
@@ -80,6 +82,7 @@ REGISTRY: dict[str, ModelSpec] = {
             dropout=0.5,
             epochs=30,
             lr_schedule="cosine",
+            batch_norm=True,
             notes="a small Conv2D/MaxPooling network from scratch (Chollet, ch. 5)",
         ),
         _backbone("mobilenet_v2", "MobileNetV2", "tf"),
@@ -217,6 +220,7 @@ def build_model(
     dropout: float | None = None,
     dense_units=None,
     l2: float = 0.0,
+    batch_norm: bool | None = None,
 ) -> BuiltModel:
     """Build the network for `spec`; backbones come frozen, ready for the first training phase."""
     from .layers import InputPreprocessing
@@ -226,6 +230,7 @@ def build_model(
     check_image_size(spec, image_size)
     dropout = spec.dropout if dropout is None else dropout
     dense_units = spec.dense_units if dense_units is None else tuple(dense_units)
+    batch_norm = spec.batch_norm if batch_norm is None else batch_norm
     inputs, x = _resized_input(keras, image_size, resize)
     x = InputPreprocessing(spec.preprocessing, name="preprocessing")(x)
 
@@ -244,10 +249,13 @@ def build_model(
                 filters,
                 3,
                 padding="same",
-                activation="relu",
+                use_bias=not batch_norm,  # BatchNormalization's own offset replaces the bias
                 kernel_regularizer=_regularizer(keras, l2),
                 name=f"conv_{i}",
             )(x)
+            if batch_norm:
+                x = keras.layers.BatchNormalization(name=f"batch_norm_{i}")(x)
+            x = keras.layers.Activation("relu", name=f"relu_{i}")(x)
             x = keras.layers.MaxPooling2D(2, name=f"pool_{i}")(x)
     x = keras.layers.Flatten(name="flatten")(x)
     head = build_head(keras, x.shape[-1], num_classes, dense_units, dropout, l2)

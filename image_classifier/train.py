@@ -51,6 +51,7 @@ class TrainConfig:
     dropout: float | None = None
     dense_units: tuple[int, ...] | None = None
     l2: float = 0.0
+    batch_norm: bool | None = None
     augment: bool = False
     fine_tune_layers: int | None = None
     fine_tune_epochs: int | None = None
@@ -74,6 +75,7 @@ class TrainConfig:
             image_size=self.image_size or spec.default_image_size,
             learning_rate=self.learning_rate or spec.learning_rate,
             lr_schedule=self.lr_schedule or spec.lr_schedule,
+            batch_norm=spec.batch_norm if self.batch_norm is None else self.batch_norm,
             dropout=spec.dropout if self.dropout is None else self.dropout,
             dense_units=spec.dense_units if self.dense_units is None else tuple(self.dense_units),
             fine_tune_layers=spec.fine_tune_layers
@@ -97,6 +99,8 @@ class TrainConfig:
             )
         if not 0 <= resolved.dropout < 1:
             raise UserError(f"--dropout must be at least 0 and below 1, got {resolved.dropout}")
+        if resolved.batch_norm and spec.family != "cnn":
+            raise UserError(f"--batch-norm adds BatchNormalization to cnn's conv blocks; {spec.name} has none")
         if resolved.l2 < 0:
             raise UserError(f"--l2 must be 0 or more, got {resolved.l2}")
         if self.class_weight not in ("none", "auto"):
@@ -124,7 +128,8 @@ class TrainConfig:
         known = {item.name for item in fields(cls)}
         values = {key: value for key, value in options.items() if key in known}
         values["images_dir"] = Path(values["images_dir"])
-        values.setdefault("lr_schedule", "constant")  # runs made before the option existed
+        values.setdefault("lr_schedule", "constant")  # runs made before these options existed
+        values.setdefault("batch_norm", False)
         for key in ("categories", "split", "dense_units"):
             if values.get(key) is not None:
                 values[key] = tuple(values[key])
@@ -310,6 +315,7 @@ def train_on_dataset(
             dropout=config.dropout,
             dense_units=config.dense_units,
             l2=config.l2,
+            batch_norm=config.batch_norm,
         )
     x_train, y_train = dataset.arrays("train")
     x_val, y_val = dataset.arrays("validation")

@@ -79,6 +79,24 @@ def test_saved_model_loads_and_takes_any_image_size(tmp_path):
     )
 
 
+def test_cnn_has_batch_norm_by_default_and_the_books_network_without():
+    with_norm = build_model(get_spec("cnn"), 2, 32).model
+    norms = [layer for layer in with_norm.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    convs = [layer for layer in with_norm.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert len(norms) == len(convs) == 4 and not any(conv.use_bias for conv in convs)
+    before = keras.ops.convert_to_numpy(norms[0].moving_mean).copy()
+    with_norm.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    batch = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    with_norm.fit(batch, np.array([0, 1, 0, 1]), epochs=1, verbose=0)
+    assert not np.allclose(keras.ops.convert_to_numpy(norms[0].moving_mean), before), (
+        "fit() updates statistics"
+    )
+
+    book = build_model(get_spec("cnn"), 2, 32, batch_norm=False).model
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in book.layers)
+    assert all(layer.use_bias for layer in book.layers if isinstance(layer, keras.layers.Conv2D))
+
+
 def test_calling_the_model_is_deterministic():
     """Dropout runs only in fit(): a plain model(x) call must give the same answer every time."""
     built = build_model(get_spec("cnn"), 3, 32, dropout=0.5)

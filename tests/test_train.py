@@ -180,6 +180,7 @@ BAD_INPUTS = [
     ),
     (["--categories", "red,blue", "--model", "cnn", "--weights", "imagenet"], "learns from scratch"),
     (["--categories", "red,blue", "--dropout", "1.5"], "--dropout"),
+    (["--categories", "red,blue", "--batch-norm"], "mobilenet_v2 has none"),
     (["--categories", "red,blue", "--split", "0.9,0.1"], "three"),
     (["--categories", "red,empty"], "is empty"),
     (["--categories", "red,few"], "only 3 usable images"),
@@ -241,7 +242,7 @@ def test_help_documents_every_option(tmp_path):
     assert result.returncode == 0
     for option in (
         "--categories", "--images-dir", "--workspace", "--model", "--epochs", "--batch-size", "--image-size",
-        "--optimizer", "--learning-rate", "--lr-schedule", "--dropout", "--dense-units", "--l2", "--augment", "--fine-tune-layers",
+        "--optimizer", "--learning-rate", "--lr-schedule", "--batch-norm", "--dropout", "--dense-units", "--l2", "--augment", "--fine-tune-layers",
         "--fine-tune-epochs", "--early-stopping", "--class-weight", "--seed", "--weights",
     ):  # fmt: skip
         assert option in result.stdout
@@ -282,12 +283,13 @@ def test_default_command_on_real_photos(tmp_path):
     assert {p.name for p in run.iterdir()} >= RUN_FILES
 
 
-def test_learning_rate_schedule_defaults_per_model_and_for_older_runs(tmp_path):
+def test_schedule_and_batch_norm_default_per_model_and_for_older_runs(tmp_path):
     common = {"categories": ("a", "b"), "images_dir": tmp_path}
     assert TrainConfig(model="cnn", **common).resolve().lr_schedule == "cosine"
     assert TrainConfig(model="mobilenet_v2", **common).resolve().lr_schedule == "constant"
     assert TrainConfig(model="mlp", lr_schedule="constant", **common).resolve().lr_schedule == "constant"
     options = TrainConfig(model="cnn", **common).resolve().options()
     assert TrainConfig.from_options(options).lr_schedule == "cosine"
-    del options["lr_schedule"]  # a config.json written before the option existed: those runs had no schedule
-    assert TrainConfig.from_options(options).lr_schedule == "constant"
+    del options["lr_schedule"], options["batch_norm"]  # a config.json older than these options
+    older = TrainConfig.from_options(options)
+    assert older.lr_schedule == "constant" and older.batch_norm is False
