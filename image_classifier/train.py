@@ -100,7 +100,9 @@ class TrainConfig:
         if not 0 <= resolved.dropout < 1:
             raise UserError(f"--dropout must be at least 0 and below 1, got {resolved.dropout}")
         if resolved.batch_norm and spec.family != "cnn":
-            raise UserError(f"--batch-norm adds BatchNormalization to cnn's conv blocks; {spec.name} has none")
+            raise UserError(
+                f"--batch-norm adds BatchNormalization to cnn's conv blocks; {spec.name} has none"
+            )
         if resolved.l2 < 0:
             raise UserError(f"--l2 must be 0 or more, got {resolved.l2}")
         if self.class_weight not in ("none", "auto"):
