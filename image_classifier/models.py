@@ -296,7 +296,7 @@ def load_model(path: Path):
 def show_architecture(
     spec: ModelSpec, num_classes: int, image_size: int, diagram: Path, dense_units=None, print_fn=print
 ) -> Path | None:
-    """Print model.summary() and draw the diagram with keras.utils.plot_model when Graphviz is installed."""
+    """Print model.summary() and draw the diagram with keras.utils.model_to_dot when Graphviz is installed."""
     from .tf_env import import_keras
 
     keras = import_keras()
@@ -308,9 +308,10 @@ def show_architecture(
         )
     try:
         diagram.parent.mkdir(parents=True, exist_ok=True)
-        keras.utils.plot_model(
-            built.model, to_file=str(diagram), show_shapes=True, show_layer_names=True, dpi=96
-        )
+        graph = keras.utils.model_to_dot(built.model, show_shapes=True, show_layer_names=True, dpi=96)
+        # plot_model's orthogonal edges crash Graphviz 2.43 (Debian's) on the cnn ("trapezoid-table overflow")
+        graph.set("splines", "polyline")
+        graph.write(str(diagram), format="png")
     except ImportError as error:
         print_fn(f"No diagram: {error} (on Debian/Ubuntu: apt-get install graphviz)")
         return None
