@@ -61,15 +61,17 @@ class Distribution:
         """Linear scaling rule: a global batch `replicas` times larger takes steps that much larger."""
         return learning_rate * self.replicas
 
+    def batches(self, count: int, per_replica: int) -> int:
+        """Global batches in one pass over `count` samples."""
+        return max(1, math.ceil(count / self.global_batch(per_replica)))
+
     def steps(self, count: int, per_replica: int) -> int | None:
         """Steps for one pass over `count` samples; None (until the data ends) with one worker.
 
         Several workers need a fixed, equal number: their shards are repeated, so pass it to `fit`
         as `steps_per_epoch` (or `validation_steps`).
         """
-        if self.workers == 1:
-            return None
-        return max(1, math.ceil(count / self.global_batch(per_replica)))
+        return None if self.workers == 1 else self.batches(count, per_replica)
 
     def shard(self, index_dataset):
         """This worker's share of a dataset of sample indices (all of it when there is one worker).

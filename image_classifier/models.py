@@ -30,9 +30,9 @@ class ModelSpec:
     epochs: int = 20
     learning_rate: float = 1e-3
     lr_schedule: str = "constant"
+    """Backbone heads converge in a few epochs and early stopping picks one; long from-scratch runs anneal."""
     batch_norm: bool = False
     """BatchNormalization in each conv block (cnn only)."""
-    """Backbone heads converge in a few epochs and early stopping picks one; long from-scratch runs anneal."""
     fine_tune_layers: int = 0
     fine_tune_epochs: int = 0
     notes: str = field(default="", compare=False)

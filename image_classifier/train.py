@@ -13,7 +13,6 @@ import contextlib
 import csv
 import io
 import json
-import math
 import platform
 import sys
 import tempfile
@@ -355,7 +354,6 @@ def train_on_dataset(
         model, learning_rate: float, train_source, validation_source, epochs: int, first_epoch: int = 0
     ) -> None:
         """One phase (epochs first_epoch..epochs): compile, put back a resumed phase's optimizer, fit."""
-        steps = distribution.steps(len(y_train), per_replica)
         with distribution.scope():
             model.compile(
                 optimizer=_optimizer(
@@ -363,7 +361,7 @@ def train_on_dataset(
                     config.optimizer,
                     distribution.scaled_learning_rate(learning_rate),
                     config.lr_schedule,
-                    (epochs - first_epoch) * math.ceil(len(y_train) / distribution.global_batch(per_replica)),
+                    (epochs - first_epoch) * distribution.batches(len(y_train), per_replica),
                 ),
                 loss=keras.losses.SparseCategoricalCrossentropy(),
                 metrics=["accuracy"],
@@ -388,7 +386,7 @@ def train_on_dataset(
                 distribution.dataset(train_source, per_replica),
                 epochs=epochs,
                 initial_epoch=state.epochs_done,
-                steps_per_epoch=steps,
+                steps_per_epoch=distribution.steps(len(y_train), per_replica),
                 validation_data=distribution.dataset(validation_source, per_replica),
                 validation_steps=distribution.steps(len(y_val), per_replica),
                 shuffle=False,  # the tf.data pipeline reshuffles every epoch itself
