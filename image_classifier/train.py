@@ -159,7 +159,7 @@ def _versions() -> dict:
     return versions
 
 
-def _optimizer(keras, name: str, learning_rate: float, schedule: str = "constant", decay_steps: int = 0):
+def _optimizer(keras, name: str, learning_rate: float, schedule: str, decay_steps: int):
     """The named optimizer; "cosine" lowers the rate along a half cosine to 0 over `decay_steps` steps.
 
     The schedule is a function of the optimizer's step count, which the backup restores, so a resumed
