@@ -9,6 +9,7 @@ import hashlib
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,10 @@ for weights_file in SHARED_WEIGHTS.glob("*.h5"):
 os.environ["KERAS_HOME"] = str(_keras_home)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.pop("WORKSPACE", None)
+# A shell starts a background job (`cmd &`) with Ctrl-C ignored, and children inherit that through exec:
+# Python then never raises KeyboardInterrupt, and the Ctrl-C tests' subprocesses would run to the end.
+# A handled signal is reset to the default at exec, so catching it here gives every child a normal Ctrl-C.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 COLOURS = [(200, 40, 40), (40, 60, 200), (40, 170, 60), (200, 180, 40)]
 

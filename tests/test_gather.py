@@ -1110,7 +1110,7 @@ def test_script_run_and_ctrl_c_leave_only_whole_images(
         time.sleep(0.05)
     assert kept_one_and_downloading(), "downloads never started"
     process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=60)  # in-flight downloads may finish first
+    out, err = process.communicate(timeout=30)
     assert process.returncode == 130, err
     assert "interrupted" in err
     assert "run the same command again to continue" in out
