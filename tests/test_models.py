@@ -103,7 +103,7 @@ def test_batch_norm_statistics_for_prediction_catch_up_within_tens_of_steps():
     model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.0), loss="sparse_categorical_crossentropy")
     batch = np.random.default_rng(1).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
     model.fit(batch, np.array([0, 1, 0, 1]), epochs=30, batch_size=4, verbose=0)
-    conv = keras.Model(model.inputs, model.get_layer("conv_1").output)
+    conv = keras.Model(model.input, model.get_layer("conv_1").output)
     batch_mean = keras.ops.convert_to_numpy(conv(batch)).mean(axis=(0, 1, 2))
     moving_mean = keras.ops.convert_to_numpy(model.get_layer("batch_norm_1").moving_mean)
     np.testing.assert_allclose(moving_mean, batch_mean, rtol=0.1, atol=1e-3)
