@@ -100,7 +100,8 @@ class TrainConfig:
             raise UserError(f"--dropout must be at least 0 and below 1, got {resolved.dropout}")
         if resolved.batch_norm and spec.family != "cnn":
             raise UserError(
-                f"--batch-norm adds BatchNormalization to cnn's conv blocks; {spec.name} has none"
+                f"--batch-norm adds BatchNormalization to cnn's conv blocks; {spec.name} has none "
+                "(use --model cnn, or leave out --batch-norm)"
             )
         if resolved.l2 < 0:
             raise UserError(f"--l2 must be 0 or more, got {resolved.l2}")
