@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 
-from .runs import save_model_atomic
+from .atomic import save_model_atomic
 from .tf_env import import_keras
 
 keras = import_keras()

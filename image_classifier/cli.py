@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .categories import CategoryError, parse_categories
 from .config import Workspace, default_workspace
 from .errors import UserError
 from .splits import parse_fractions
@@ -45,46 +46,16 @@ def make_parser(description: str) -> ArgumentParser:
     return parser
 
 
-FORBIDDEN_CHARACTERS = set('/\\:*?"<>|')
-RESERVED_NAMES = {"manifest.csv", "train", "validation", "test"}
-"""images/manifest.csv is gather's record; train/, validation/ and test/ mean given splits."""
+def categories_type(minimum: int = 2) -> Callable[[str], list[str]]:
+    """An argparse type for --categories: at least `minimum` safe, distinct folder names."""
 
+    def parse(text: str) -> list[str]:
+        try:
+            return parse_categories(text, minimum)
+        except CategoryError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
 
-def category_problem(name: str) -> str | None:
-    """Why `name` cannot be a category folder under images/, or None when it can."""
-    if not name:
-        return "an empty name"
-    if name.startswith("."):
-        return f"{name!r} starts with a dot (hidden folders are ignored)"
-    bad = sorted({char for char in name if char in FORBIDDEN_CHARACTERS or ord(char) < 32})
-    if bad:
-        return f"{name!r} contains {' '.join(repr(char) for char in bad)}, which a folder name cannot"
-    if name.lower() in RESERVED_NAMES:
-        return f"{name!r} is reserved in the images folder"
-    if len(name) > 100:
-        return f"{name[:20]!r}... is longer than 100 characters"
-    return None
-
-
-def category_names(text: str, minimum: int = 2) -> list[str]:
-    """`cat,dog,horse` -> ['cat', 'dog', 'horse']: safe folder names, no repeats, at least `minimum`."""
-    names = [name.strip() for name in text.split(",")]
-    for name in names:
-        problem = category_problem(name)
-        if problem:
-            raise argparse.ArgumentTypeError(f"bad category name: {problem}; write them like cat,dog,horse")
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise argparse.ArgumentTypeError(f"category listed twice: {', '.join(repeated)}")
-    if len(names) < minimum:
-        raise argparse.ArgumentTypeError(
-            f"a classifier needs at least {minimum} categories, got {len(names)}; write them like cat,dog"
-        )
-    return names
-
-
-def categories_arg(text: str) -> list[str]:
-    return category_names(text, minimum=2)
+    return parse
 
 
 def int_list_arg(text: str) -> list[int]:
@@ -138,7 +109,7 @@ def add_data_arguments(
 
     parser.add_argument(
         "--categories",
-        type=categories_arg,
+        type=categories_type(minimum=2),
         required=categories_required,
         help="2 or more, like cat,dog,horse",
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .runs import write_atomic
+from .atomic import write_atomic
 
 
 def compute_metrics(probabilities: np.ndarray, truth: np.ndarray, labels: list[str]) -> dict:

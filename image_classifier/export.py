@@ -28,9 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_json
 from .config import Workspace
 from .errors import UserError
-from .runs import TrainedRun, load_run, write_json
+from .runs import TrainedRun, load_run
 
 FORMATS = ("savedmodel", "tflite", "onnx")
 QUANTIZATIONS = ("none", "float16", "int8")

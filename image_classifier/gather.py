@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .cli import category_names, category_problem
+from .categories import category_problem
 from .config import Workspace
 from .download import Cancelled, Fetched, FetchError, FetchPolicy, HttpClient
 from .errors import UserError
@@ -61,11 +61,6 @@ MIN_FAILURE_BUDGET = 50
 """A remote category stops after max(50, 5 x images still needed) fetches that kept nothing."""
 EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp"}
 EXTENSIONS |= {"TIFF": ".tif", "AVIF": ".avif"}
-
-
-def categories_arg(text: str) -> list[str]:
-    """Like the other stages' --categories, but one is enough (gather one category at a time)."""
-    return category_names(text, minimum=1)
 
 
 def query_arg(text: str) -> tuple[str, str]:

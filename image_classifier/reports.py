@@ -23,9 +23,10 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
+from .atomic import write_atomic
 from .config import Workspace, default_workspace
 from .errors import UserError
-from .runs import resolve_run, write_atomic
+from .runs import resolve_run
 
 TRAINING_COLOUR = "tab:blue"
 VALIDATION_COLOUR = "tab:orange"

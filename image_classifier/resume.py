@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_atomic, write_json
 from .config import Workspace
 from .errors import UserError
-from .runs import write_atomic, write_json
 
 BACKUP = "backup"
 STATE = "state.json"

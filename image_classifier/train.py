@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_atomic, write_json
 from .config import Workspace
 from .dataset import Dataset
 from .distribute import check_strategy
 from .errors import UserError
 from .models import DEFAULT_MODEL, ModelSpec, check_image_size, check_weights, get_spec
 from .preprocess import DEFAULT_RESIZE, DEFAULT_SPLIT, PreprocessOptions, prepare_dataset
-from .runs import write_atomic, write_json
 
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
@@ -475,8 +475,9 @@ def train_on_dataset(
 
 def _finish_run(config, dataset, workspace, run, model, state, checkpoint, backup, print_fn) -> None:
     """The chief's last step: the model, history, test evaluation and reports, then the backup goes."""
+    from .atomic import save_model_atomic, write_pickle
     from .evaluate import compute_metrics, format_report, plot_confusion_matrix
-    from .runs import mark_latest, save_model_atomic, write_pickle
+    from .runs import mark_latest
     from .tensorboard_logging import log_run_summaries
 
     spec, labels = config.spec, dataset.labels

@@ -21,7 +21,6 @@ from image_classifier.gather import (
     DEFAULT_SOURCE,
     DEFAULT_WORKERS,
     GatherOptions,
-    categories_arg,
     gather,
     query_arg,
 )
@@ -43,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.formatter_class = _HelpFormatter
     parser.add_argument(
         "--categories",
-        type=categories_arg,
+        type=cli.categories_type(minimum=1),  # one is enough: gather one category at a time
         help="comma-separated category names, like cat,dog,horse (taken from --urls or --from when left out)",
     )
     parser.add_argument(

@@ -24,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument(
         "--categories",
-        type=cli.categories_arg,
+        type=cli.categories_type(minimum=2),
         default=["cat", "dog"],
         help="only their number matters: the size of the output layer",
     )
