@@ -37,7 +37,7 @@ DEFAULT_WORKERS = 8
 DEFAULT_MIN_SIDE = 64
 """Smaller pictures say too little to learn from; the stage skips them."""
 MANIFEST_NAME = "manifest.csv"
-MANIFEST_FIELDS = [
+IMAGES_MANIFEST_FIELDS = [
     "file",
     "category",
     "source",
@@ -50,6 +50,8 @@ MANIFEST_FIELDS = [
     "height",
     "time",
 ]
+"""Columns of images/manifest.csv: where each gathered file came from (the dataset's own manifest is
+preprocess.DATASET_MANIFEST_FIELDS)."""
 MANUAL_SOURCE = "manual"
 """Manifest source of a file that was already in a category folder (put there by hand)."""
 TEMP_PREFIX = ".gather-"
@@ -288,7 +290,7 @@ class ImageStore:
     def append_row(self, row: dict[str, Any]) -> None:
         """One whole line per write, flushed at once: an interrupted run leaves at most one broken last line."""
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
+        writer = csv.DictWriter(buffer, fieldnames=IMAGES_MANIFEST_FIELDS, lineterminator="\n")
         new = not self.manifest.exists() or self.manifest.stat().st_size == 0
         if new:
             writer.writeheader()

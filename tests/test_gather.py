@@ -44,7 +44,7 @@ from image_classifier.download import (
     sniff_image,
 )
 from image_classifier.errors import UserError
-from image_classifier.gather import MANIFEST_FIELDS, GatherOptions, gather, image_reason, read_manifest
+from image_classifier.gather import IMAGES_MANIFEST_FIELDS, GatherOptions, gather, image_reason, read_manifest
 from image_classifier.images import inspect
 
 REPO = Path(__file__).resolve().parents[1]
@@ -633,7 +633,7 @@ def test_wikimedia_images_with_licence_author_and_page(web: Web, workspace: Work
         assert path.read_bytes() in bodies.values()
     assert len(stored(workspace, "dog")) == 2  # its copy of cat0 is a duplicate across categories
     rows = manifest(workspace)
-    assert list(rows[0]) == MANIFEST_FIELDS
+    assert list(rows[0]) == IMAGES_MANIFEST_FIELDS
     # downloads run in parallel: rows are in the order they finished
     first = next(row for row in rows if row["url"] == web.url("/img/cat0.jpg"))
     assert first["source"] == "wikimedia"
@@ -1020,7 +1020,9 @@ def test_the_manifest_survives_a_cut_off_last_line(web: Web, workspace: Workspac
     web.add_image("m.jpg", jpeg(1300))
     web.openverse["cat"] = [Listing("m.jpg")]
     workspace.images.mkdir(parents=True)
-    (workspace.images / "manifest.csv").write_text(",".join(MANIFEST_FIELDS) + "\ncat/abc.jpg,cat,wikim")
+    (workspace.images / "manifest.csv").write_text(
+        ",".join(IMAGES_MANIFEST_FIELDS) + "\ncat/abc.jpg,cat,wikim"
+    )
     run_gather(workspace, categories=("cat",), source="openverse")
     rows = read_manifest(workspace.images / "manifest.csv")
     assert len(rows) == 1 and rows[0]["url"] == web.url("/img/m.jpg")
