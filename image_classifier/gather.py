@@ -10,7 +10,6 @@ manifest stay on the main thread, so they need no locks.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import io
@@ -23,7 +22,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .categories import category_problem
 from .config import Workspace
@@ -31,6 +30,9 @@ from .download import Cancelled, Fetched, FetchError, FetchPolicy, HttpClient
 from .errors import UserError
 from .images import ImageError, ImageInfo, inspect, list_image_files
 from .sources import SOURCES, Candidate, SearchError, Source, SourceSettings, create_source
+
+if TYPE_CHECKING:
+    import argparse
 
 DEFAULT_SOURCE = "openverse"
 DEFAULT_WORKERS = 8
@@ -65,11 +67,11 @@ EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP
 EXTENSIONS |= {"TIFF": ".tif", "AVIF": ".avif"}
 
 
-def query_arg(text: str) -> tuple[str, str]:
-    """`cat=house cat` -> ('cat', 'house cat')."""
+def parse_query(text: str) -> tuple[str, str]:
+    """`cat=house cat` -> ('cat', 'house cat'); ValueError saying the expected form otherwise."""
     category, sep, query = text.partition("=")
     if not sep or not category.strip() or not query.strip():
-        raise argparse.ArgumentTypeError(f'expected CATEGORY=QUERY like cat="house cat", got {text!r}')
+        raise ValueError(f'expected CATEGORY=QUERY like cat="house cat", got {text!r}')
     return category.strip(), query.strip()
 
 

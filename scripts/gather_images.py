@@ -22,7 +22,7 @@ from image_classifier.gather import (
     DEFAULT_WORKERS,
     GatherOptions,
     gather,
-    query_arg,
+    parse_query,
 )
 from image_classifier.sources import DEFAULT_LIMIT, SOURCES
 
@@ -35,6 +35,14 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if action.default not in (None, argparse.SUPPRESS) and "%(default)" not in text:
             text += " (default: %(default)s)"
         return text
+
+
+def query_arg(text: str) -> tuple[str, str]:
+    """The argparse type for --query: parse_query's message becomes a usage error."""
+    try:
+        return parse_query(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
