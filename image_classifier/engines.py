@@ -10,6 +10,8 @@ The model is converted once, written atomically to <cache_dir>/<key>.tflite or .
 converted again. A fresh conversion is checked against the Keras model on a few generated images before use.
 Anything that goes wrong (the runtime not installed, an op the converter or the runtime lacks, a failed check)
 falls back to the Keras model with one printed line saying why: never fatal, never silently different numbers.
+A failed conversion is remembered in <key>.<ext>.json with the versions of TensorFlow and the engine, so it is not
+tried again every run; upgrading either tries again.
 
 The converted graph takes images of one fixed size. A project model that starts with its any-size resize
 layer ("resize", layers.SquareResize) is cut after that layer: at its own size the resize is an exact identity
@@ -26,10 +28,11 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -161,10 +164,48 @@ def _locked(path: Path):
         os.close(handle)
 
 
+class _Remembered(Exception):
+    """A conversion that failed before with the same versions; its text is the one line recorded then."""
+
+
 def _one_line(error: BaseException) -> str:
+    if isinstance(error, _Remembered):
+        return str(error)
     text = str(error).strip().splitlines()
     first = next((line.strip() for line in text if line.strip()), "")
+    if "error: " in first:  # the TFLite converter's MLIR location chain, then the reason
+        first = first.rsplit("error: ", 1)[-1]
     return f"{type(error).__name__}: {first[:160]}" if first else type(error).__name__
+
+
+def _versions(engine: str) -> dict[str, str]:
+    """The versions a converted file or a failed conversion depends on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ["tensorflow", "tensorflow-cpu", "keras"]
+    names += ["ai-edge-litert"] if engine == "litert" else ["tf2onnx", "onnxruntime"]
+    found = {}
+    for name in names:
+        with contextlib.suppress(PackageNotFoundError):
+            found[name] = version(name)
+    return found
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (the converters' C++ diagnostics); the failure is reported in one line instead."""
+    import sys
+
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _check_images(shape: tuple[int, ...]) -> np.ndarray:
@@ -236,29 +277,46 @@ class FeatureEngine:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         path = self.cache_dir / f"{self.key}.{EXTENSIONS[engine]}"
         self.path = path
-        record = path.with_name(path.name + ".json")
+        record_path = path.with_name(path.name + ".json")
+        versions = _versions(engine)
         with _locked(self.cache_dir / f".{self.key}.{EXTENSIONS[engine]}.lock"):
-            if path.is_file() and record.is_file():
+            try:
+                record = json.loads(record_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                record = {}
+            if record.get("failed") and record.get("versions") == versions:
+                # An unconvertible model stays unconvertible with the same converter: do not try every run.
+                raise _Remembered(f"{record['failed']}; remembered in {record_path}")
+            if record.get("sha256") and path.is_file():
                 try:
-                    if json.loads(record.read_text(encoding="utf-8")).get("sha256") != _sha256(path):
+                    if record["sha256"] != _sha256(path):
                         raise ValueError("sha256 mismatch")
                     self._runner = self._load(engine, path)
                     return
                 except Exception:  # truncated, corrupt or from an incompatible runtime: convert again
                     self._runner = None
-            data = self._convert(engine)
             self.converted = True
-            _write_atomically(path, data)
-            self._runner = self._load(engine, path)
-            self._verify()
+            try:
+                data = self._convert(engine)
+                _write_atomically(path, data)
+                self._runner = self._load(engine, path)
+                self._verify()
+            except Exception as error:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                if not isinstance(error, (OSError, MemoryError)):  # not a passing condition of this machine
+                    failed = {"failed": _one_line(error), "versions": versions}
+                    _write_atomically(record_path, json.dumps(failed, indent=2).encode())
+                raise
             info = {
                 "sha256": hashlib.sha256(data).hexdigest(),
                 "bytes": len(data),
                 "engine": engine,
+                "versions": versions,
                 "input_shape": list(self.input_shape),
                 "check_difference": self.check_difference,
             }
-            _write_atomically(record, json.dumps(info, indent=2).encode())
+            _write_atomically(record_path, json.dumps(info, indent=2).encode())
 
     def _serving(self):
         import tensorflow as tf
@@ -284,18 +342,35 @@ class FeatureEngine:
             holder.serve = serve
             concrete = serve.get_concrete_function()
             converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], holder)
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _quiet_stderr():
                 warnings.simplefilter("ignore")
                 return converter.convert()
         import tf2onnx
 
+        class Unsupported(logging.Handler):
+            def __init__(self):
+                super().__init__()
+                self.ops: list[str] = []
+
+            def emit(self, record):
+                message = record.getMessage()
+                if message.startswith("Unsupported ops"):  # "Unsupported ops: Counter({'ScaleAndTranslate': 1})"
+                    self.ops += re.findall(r"'(\w+)'", message) or [message]
+
         tf2onnx_log = logging.getLogger("tf2onnx")
-        level = tf2onnx_log.level
+        level, handler = tf2onnx_log.level, Unsupported()
         tf2onnx_log.setLevel(logging.ERROR)
+        tf2onnx_log.addHandler(handler)
+        propagate, tf2onnx_log.propagate = tf2onnx_log.propagate, False  # its ERROR lines: we say it in one
         try:
-            proto, _ = tf2onnx.convert.from_function(serve, input_signature=[spec], opset=ONNX_OPSET)
+            with _quiet_stderr():
+                proto, _ = tf2onnx.convert.from_function(serve, input_signature=[spec], opset=ONNX_OPSET)
         finally:
             tf2onnx_log.setLevel(level)
+            tf2onnx_log.removeHandler(handler)
+            tf2onnx_log.propagate = propagate
+        if handler.ops:
+            raise ValueError(f"tf2onnx cannot convert the op(s) {', '.join(handler.ops)}")
         return proto.SerializeToString()
 
     def _load(self, engine: str, path: Path):
