@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urljoin, urlsplit
@@ -28,6 +29,7 @@ import requests
 import urllib3
 
 from . import __version__
+from .images import HTML_PAGE, NOT_AN_IMAGE
 
 T = TypeVar("T")
 
@@ -48,13 +50,92 @@ BINARY_TYPES = frozenset({"application/octet-stream", "binary/octet-stream", "ap
 CHUNK = 64 * 1024
 
 
-class FetchError(Exception):
-    """A download that failed for good; `reason` is short enough to count in a summary."""
+class FetchFailure(StrEnum):
+    """Why a fetch failed, as a key for code to test (with FetchError.status for HTTP_STATUS).
 
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+    The words a user reads are in FAILURE_LABELS, so rewording a message never changes what the code does.
+    """
+
+    BAD_URL = "bad_url"
+    NOT_HTTP = "not_http"
+    HTTP_STATUS = "http_status"
+    TIMEOUT = "timeout"
+    CONNECTION_FAILED = "connection_failed"
+    BAD_REDIRECT = "bad_redirect"
+    REDIRECT_LOOP = "redirect_loop"
+    TOO_MANY_REDIRECTS = "too_many_redirects"
+    NOT_AN_IMAGE = "not_an_image"
+    TOO_LARGE = "too_large"
+    NOT_JSON = "not_json"
+    BAD_JSON = "bad_json"
+    CANNOT_READ = "cannot_read"
+    """A local file (--from) that cannot be read."""
+    ENCRYPTED = "encrypted"
+    BROKEN_ZIP_ENTRY = "broken_zip_entry"
+    TOO_SMALL = "too_small"
+    """Raised by gather's own check after the download: a shorter side under --min-side."""
+    NAME_TAKEN = "name_taken"
+    """Raised by gather's store: both names for the file exist with other content."""
+
+
+FAILURE_LABELS: dict[FetchFailure, str] = {
+    FetchFailure.BAD_URL: "bad URL",
+    FetchFailure.NOT_HTTP: "not an http(s) URL",
+    FetchFailure.HTTP_STATUS: "HTTP",
+    FetchFailure.TIMEOUT: "timeout",
+    FetchFailure.CONNECTION_FAILED: "connection failed",
+    FetchFailure.BAD_REDIRECT: "bad redirect",
+    FetchFailure.REDIRECT_LOOP: "redirect loop",
+    FetchFailure.TOO_MANY_REDIRECTS: "too many redirects",
+    FetchFailure.NOT_AN_IMAGE: NOT_AN_IMAGE,
+    FetchFailure.TOO_LARGE: "too large",
+    FetchFailure.NOT_JSON: "not JSON",
+    FetchFailure.BAD_JSON: "bad JSON",
+    FetchFailure.CANNOT_READ: "cannot read file",
+    FetchFailure.ENCRYPTED: "encrypted in the zip",
+    FetchFailure.BROKEN_ZIP_ENTRY: "broken zip entry",
+    FetchFailure.TOO_SMALL: "too small",
+    FetchFailure.NAME_TAKEN: "name taken",
+}
+"""The start of each failure's countable reason, as the summary shows it."""
+
+
+def countable(label: str, qualifier: str = "") -> str:
+    """The one form of a reason a summary counts: `too large` + `over 25 MB` -> `too large (over 25 MB)`."""
+    return f"{label} ({qualifier})" if qualifier else label
+
+
+class FetchError(Exception):
+    """A fetch that failed for good.
+
+    Code tests `failure` (and `status` for HTTP_STATUS); `reason` is the short text a summary counts,
+    like "HTTP 404" or "too large (over 25 MB)"; `detail` only adds to the message the user reads.
+    """
+
+    def __init__(
+        self, failure: FetchFailure, detail: str = "", *, status: int | None = None, qualifier: str = ""
+    ) -> None:
+        label = FAILURE_LABELS[failure]
+        self.failure = failure
+        self.status = status
+        self.qualifier = qualifier
         self.detail = detail
+        self.reason = countable(label if status is None else f"{label} {status}", qualifier)
+        super().__init__(f"{self.reason}: {detail}" if detail else self.reason)
+
+    def with_detail(self, detail: str) -> FetchError:
+        """The same failure with another detail (retries add how they ended)."""
+        return FetchError(self.failure, detail, status=self.status, qualifier=self.qualifier)
+
+
+def too_large(max_bytes: int, detail: str = "") -> FetchError:
+    """A body over the --max-mb limit; the limit is part of the counted reason."""
+    return FetchError(FetchFailure.TOO_LARGE, detail, qualifier=f"over {_mebibytes(max_bytes)}")
+
+
+def not_an_image(what: str) -> FetchError:
+    """A body that is something else: `what` says what it most likely is (HTML_PAGE, ...)."""
+    return FetchError(FetchFailure.NOT_AN_IMAGE, qualifier=what)
 
 
 class Cancelled(Exception):
@@ -99,12 +180,12 @@ def check_url(url: str) -> str:
     try:
         parts = urlsplit(url.strip())
     except ValueError:
-        raise FetchError("bad URL", url[:200]) from None
+        raise FetchError(FetchFailure.BAD_URL, url[:200]) from None
     if parts.scheme.lower() not in ("http", "https"):
         shown = f"{parts.scheme}:" if parts.scheme else repr(url[:80])
-        raise FetchError("not an http(s) URL", shown)
+        raise FetchError(FetchFailure.NOT_HTTP, shown)
     if not parts.hostname:
-        raise FetchError("bad URL", url[:200])
+        raise FetchError(FetchFailure.BAD_URL, url[:200])
     return url.strip()
 
 
@@ -130,17 +211,17 @@ def sniff_image(head: bytes) -> str | None:
 
 
 def describe_non_image(head: bytes) -> str:
-    """What a body that is not an image most likely is, for the skip reason."""
+    """What a body that is not an image most likely is, for the skip reason (`not an image (...)`)."""
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     if not text:
-        return "not an image (empty body)"
+        return "empty body"
     if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or b"<html" in text[:512]:
-        return "not an image (HTML page)"
+        return HTML_PAGE
     if b"<svg" in text[:1024]:
-        return "not an image (SVG vector graphics)"
+        return "SVG vector graphics"
     if text.startswith((b"{", b"[")):
-        return "not an image (JSON)"
-    return "not an image (unknown file type)"
+        return "JSON"
+    return "unknown file type"
 
 
 def write_limited(
@@ -168,21 +249,22 @@ def write_limited(
                 if require_image and len(head) < 32:
                     head += chunk[: 32 - len(head)]
                     if len(head) >= 32 and sniff_image(head) is None:
-                        raise FetchError(describe_non_image(head + chunk[:1024]))
+                        raise not_an_image(describe_non_image(head + chunk[:1024]))
                 size += len(chunk)
                 if size > max_bytes:
-                    raise FetchError(f"too large (over {_megabytes(max_bytes)})")
+                    raise too_large(max_bytes)
                 digest.update(chunk)
                 handle.write(chunk)
         if require_image and sniff_image(head) is None:
-            raise FetchError(describe_non_image(head))
+            raise not_an_image(describe_non_image(head))
     except BaseException:
         dest.unlink(missing_ok=True)
         raise
     return digest.hexdigest(), size
 
 
-def _megabytes(count: int) -> str:
+def _mebibytes(count: int) -> str:
+    """Bytes in units of 1024 x 1024, as --max-mb counts them (shown as "MB", like the option)."""
     return f"{count / 1024 / 1024:.3g} MB"
 
 
@@ -235,16 +317,16 @@ class HttpClient:
             with self._tracked(response):
                 ctype = _content_type(response)
                 if "json" not in ctype:
-                    raise FetchError("not JSON", f"served as {ctype or 'unknown type'}")
+                    raise FetchError(FetchFailure.NOT_JSON, f"served as {ctype or 'unknown type'}")
                 body = bytearray()
                 for chunk in self._chunks(response, time.monotonic() + self.policy.max_time):
                     body += chunk
                     if len(body) > self.policy.max_bytes:
-                        raise FetchError(f"too large (over {_megabytes(self.policy.max_bytes)})")
+                        raise too_large(self.policy.max_bytes)
             try:
                 return json.loads(body)
             except ValueError as error:
-                raise FetchError("bad JSON", str(error)[:100]) from None
+                raise FetchError(FetchFailure.BAD_JSON, str(error)[:100]) from None
 
         return self._with_retries(url, params, attempt)
 
@@ -297,9 +379,9 @@ class HttpClient:
                 error = retry.error
                 if tries > self.policy.retries:
                     detail = f"{error.detail}, " if error.detail else ""
-                    raise FetchError(error.reason, f"{detail}gave up after {tries} tries") from None
+                    raise error.with_detail(f"{detail}gave up after {tries} tries") from None
                 if retry.wait is not None and retry.wait > self.policy.max_wait:
-                    raise FetchError(error.reason, f"asked to retry after {retry.wait:.0f} s") from None
+                    raise error.with_detail(f"asked to retry after {retry.wait:.0f} s") from None
                 wait = retry.wait if retry.wait is not None else self._backoff(tries)
                 if self.stop.wait(wait):
                     raise Cancelled() from None
@@ -313,7 +395,7 @@ class HttpClient:
         for _ in range(self.policy.max_redirects + 1):
             check_url(url)
             if url in seen:
-                raise FetchError("redirect loop", url[:200])
+                raise FetchError(FetchFailure.REDIRECT_LOOP, url[:200])
             seen.add(url)
             try:
                 response = self._session().get(
@@ -325,31 +407,33 @@ class HttpClient:
                     allow_redirects=False,
                 )
             except requests.Timeout:
-                raise _Retry(FetchError("timeout", f"no answer within {self.policy.timeout:g} s")) from None
+                raise _Retry(
+                    FetchError(FetchFailure.TIMEOUT, f"no answer within {self.policy.timeout:g} s")
+                ) from None
             except requests.ConnectionError as error:
                 if self.stop.is_set():
                     raise Cancelled() from None
-                raise _Retry(FetchError("connection failed", _short(error))) from None
+                raise _Retry(FetchError(FetchFailure.CONNECTION_FAILED, _short(error))) from None
             except (requests.RequestException, ValueError) as error:
-                raise FetchError("bad URL", _short(error)) from None
+                raise FetchError(FetchFailure.BAD_URL, _short(error)) from None
             params = None
             status = response.status_code
             if status in REDIRECT_STATUSES:
                 location = response.headers.get("Location", "")
                 response.close()
                 if not location:
-                    raise FetchError("bad redirect", f"HTTP {status} without a Location")
+                    raise FetchError(FetchFailure.BAD_REDIRECT, f"HTTP {status} without a Location")
                 url = urljoin(response.url, location)
                 continue
             if status in RETRY_STATUSES or status >= 500:
                 wait = retry_after_seconds(response.headers.get("Retry-After"))
                 response.close()
-                raise _Retry(FetchError(f"HTTP {status}"), wait)
+                raise _Retry(FetchError(FetchFailure.HTTP_STATUS, status=status), wait)
             if status != 200:
                 response.close()
-                raise FetchError(f"HTTP {status}")
+                raise FetchError(FetchFailure.HTTP_STATUS, status=status)
             return response
-        raise FetchError("too many redirects", f"more than {self.policy.max_redirects}")
+        raise FetchError(FetchFailure.TOO_MANY_REDIRECTS, f"more than {self.policy.max_redirects}")
 
     def _chunks(self, response: requests.Response, deadline: float) -> Iterator[bytes]:
         """The body in chunks as they arrive, so the time limit and the stop event are checked between any
@@ -359,7 +443,9 @@ class HttpClient:
                 if self.stop.is_set():
                     raise Cancelled()
                 if time.monotonic() > deadline:
-                    raise FetchError("timeout", f"the transfer took over {self.policy.max_time:g} s")
+                    raise FetchError(
+                        FetchFailure.TIMEOUT, f"the transfer took over {self.policy.max_time:g} s"
+                    )
                 yield chunk
         except (Cancelled, FetchError):
             raise
@@ -367,8 +453,9 @@ class HttpClient:
             if self.stop.is_set():
                 raise Cancelled() from None
             if isinstance(error, OSError | urllib3.exceptions.HTTPError):
-                reason = "timeout" if "timed out" in str(error).lower() else "connection failed"
-                raise _Retry(FetchError(reason, "while reading the body")) from None
+                timed_out = "timed out" in str(error).lower()  # urllib3 and ssl say so only in words
+                failure = FetchFailure.TIMEOUT if timed_out else FetchFailure.CONNECTION_FAILED
+                raise _Retry(FetchError(failure, "while reading the body")) from None
             raise
 
 
@@ -392,14 +479,14 @@ def _check_image_headers(response: requests.Response, max_bytes: int) -> None:
     """Refuse before reading the body: a declared type that is not an image, or a declared size too big."""
     ctype = _content_type(response)
     if ctype == "text/html" or ctype == "application/xhtml+xml":
-        raise FetchError("not an image (HTML page)")
+        raise not_an_image(HTML_PAGE)
     if ctype == "image/svg+xml":
-        raise FetchError("not an image (SVG vector graphics)")
+        raise not_an_image("SVG vector graphics")
     if ctype and not ctype.startswith("image/") and ctype not in BINARY_TYPES:
-        raise FetchError(f"not an image (served as {ctype})")
+        raise not_an_image(f"served as {ctype}")
     length = response.headers.get("Content-Length", "").strip()
     if length.isdigit() and int(length) > max_bytes:
-        raise FetchError(f"too large (over {_megabytes(max_bytes)})", f"{_megabytes(int(length))} declared")
+        raise too_large(max_bytes, f"{_mebibytes(int(length))} declared")
 
 
 def _short(error: BaseException) -> str:

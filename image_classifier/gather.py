@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from .categories import category_problem
 from .config import Workspace
-from .download import Cancelled, Fetched, FetchError, FetchPolicy, HttpClient
+from .download import Cancelled, Fetched, FetchError, FetchFailure, FetchPolicy, HttpClient, countable
 from .errors import UserError
 from .images import ImageError, ImageInfo, inspect, list_image_files
 from .sources import SOURCES, Candidate, SearchError, Source, SourceSettings, create_source
@@ -65,6 +65,9 @@ MIN_FAILURE_BUDGET = 50
 """A remote category stops after max(50, 5 x images still needed) fetches that kept nothing."""
 EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp"}
 EXTENSIONS |= {"TIFF": ".tif", "AVIF": ".avif"}
+DOWNLOADED_BEFORE = "downloaded before"
+DUPLICATE = "duplicate"
+"""Skip reasons of gather's own (next to FetchError.reason and image_reason) as the summary counts them."""
 
 
 def parse_query(text: str) -> tuple[str, str]:
@@ -261,7 +264,7 @@ class ImageStore:
                 break
         else:
             temp.unlink(missing_ok=True)
-            raise FetchError("name taken", f"{final.name} exists with other content")
+            raise FetchError(FetchFailure.NAME_TAKEN, f"{final.name} exists with other content")
         relative = final.relative_to(self.root).as_posix()
         self.hashes[sha256] = relative
         self.file_hashes[relative] = sha256
@@ -370,12 +373,18 @@ def remove_stale_temporaries(folder: Path) -> None:
 
 
 def image_reason(message: str) -> str:
-    """An ImageError message cut to something countable: 'not an image: an HTML page' -> 'not an image (an HTML page)'."""
+    """An ImageError message cut to something countable, in the same form as FetchError.reason:
+    'not an image: an HTML page' -> 'not an image (an HTML page)', as a download of the page is counted."""
     head = message.split(" (")[0]
     if ": " in head:
         first, rest = head.split(": ", 1)
-        return first if len(rest) > 40 else f"{first} ({rest})"
+        return first if len(rest) > 40 else countable(first, rest)
     return head
+
+
+def too_small(min_side: int, detail: str = "") -> FetchError:
+    """An image whose shorter side is under --min-side, whether the source listed its size or it was measured."""
+    return FetchError(FetchFailure.TOO_SMALL, detail, qualifier=f"under {min_side} px")
 
 
 def round_robin(streams: Sequence[Iterator[Candidate]], report: CategoryReport) -> Iterator[Candidate]:
@@ -418,48 +427,18 @@ class _Run:
         self.reports: list[CategoryReport] = []
 
     def category(self, category: str, queries: Sequence[str]) -> CategoryReport:
+        """Fill one folder: what is already there counts first, then candidates until the limit."""
         report = CategoryReport(category=category, limit=self.limit)
         self.reports.append(report)
-        folder = self.store.root / category
-        folder.mkdir(parents=True, exist_ok=True)
+        (self.store.root / category).mkdir(parents=True, exist_ok=True)
         report.existing, report.unusable = self.store.check_existing(category, self.pool.map)
         if self.limit is not None and report.existing >= self.limit:
             return report
-        needed = None if self.limit is None else self.limit - report.existing
-        budget = max(MIN_FAILURE_BUDGET, FAILURE_FACTOR * (needed or 0)) if self.source.remote else None
         candidates = round_robin(self.source.streams(category, queries), report)
         pending: dict[Future, tuple[Candidate, Path]] = {}
-        failures = 0
         bar = _progress_bar(category, self.limit, report.existing, self.options.progress)
         try:
-            while True:
-                remaining = None if needed is None else needed - report.kept
-                if remaining is not None and remaining <= 0:
-                    break
-                room = self.options.workers if remaining is None else min(self.options.workers, remaining)
-                while len(pending) < room and not report.ran_out and not report.gave_up:
-                    candidate = next(candidates, None)
-                    if candidate is None:
-                        report.ran_out = True
-                        break
-                    reason = self._precheck(candidate)
-                    if reason:
-                        if reason != "repeated":
-                            report.skipped[reason] += 1
-                        continue
-                    temp = folder / f"{TEMP_PREFIX}{uuid.uuid4().hex}{TEMP_SUFFIX}"
-                    pending[self.pool.submit(self._fetch_and_check, candidate, temp)] = (candidate, temp)
-                if not pending:
-                    break
-                done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                for future in done:
-                    candidate, _ = pending.pop(future)
-                    if not self._settle(future, candidate, category, report):
-                        failures += 1
-                if budget is not None and failures >= budget:
-                    report.gave_up = True
-                bar.set_postfix(skipped=sum(report.skipped.values()), refresh=False)
-                bar.update(report.total - bar.n)
+            self._download(candidates, pending, report, bar)
         except BaseException:
             self.source.client.abort()
             raise
@@ -468,16 +447,67 @@ class _Run:
             bar.close()
         return report
 
-    def _precheck(self, candidate: Candidate) -> str | None:
-        """A reason to skip without fetching: seen this run, kept in an earlier one, or listed as too small."""
-        if candidate.url in self.attempted:
-            return "repeated"
-        self.attempted.add(candidate.url)
+    def _download(
+        self,
+        candidates: Iterator[Candidate],
+        pending: dict[Future, tuple[Candidate, Path]],
+        report: CategoryReport,
+        bar: Any,
+    ) -> None:
+        """Keep up to --workers downloads going and settle each as it ends, until enough are kept, the
+        source runs out, or so many fetches kept nothing that the source looks unusable."""
+        needed = None if self.limit is None else self.limit - report.existing
+        budget = max(MIN_FAILURE_BUDGET, FAILURE_FACTOR * (needed or 0)) if self.source.remote else None
+        failures = 0
+        while True:
+            remaining = None if needed is None else needed - report.kept
+            if remaining is not None and remaining <= 0:
+                return
+            room = self.options.workers if remaining is None else min(self.options.workers, remaining)
+            self._submit(candidates, pending, report, room)
+            if not pending:
+                return
+            done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            for future in done:
+                candidate, _ = pending.pop(future)
+                if not self._settle(future, candidate, report):
+                    failures += 1
+            if budget is not None and failures >= budget:
+                report.gave_up = True
+            bar.set_postfix(skipped=sum(report.skipped.values()), refresh=False)
+            bar.update(report.total - bar.n)
+
+    def _submit(
+        self,
+        candidates: Iterator[Candidate],
+        pending: dict[Future, tuple[Candidate, Path]],
+        report: CategoryReport,
+        room: int,
+    ) -> None:
+        """Start downloads until `room` run at once; candidates skipped without a fetch are counted here."""
+        folder = self.store.root / report.category
+        while len(pending) < room and not report.ran_out and not report.gave_up:
+            candidate = next(candidates, None)
+            if candidate is None:
+                report.ran_out = True
+                return
+            if candidate.url in self.attempted:
+                continue  # listed again (by another query, or twice in a file): not a skip worth counting
+            self.attempted.add(candidate.url)
+            reason = self._skip_unfetched(candidate)
+            if reason:
+                report.skipped[reason] += 1
+                continue
+            temp = folder / f"{TEMP_PREFIX}{uuid.uuid4().hex}{TEMP_SUFFIX}"
+            pending[self.pool.submit(self._fetch_and_check, candidate, temp)] = (candidate, temp)
+
+    def _skip_unfetched(self, candidate: Candidate) -> str | None:
+        """A reason to skip without fetching: kept in an earlier run, or listed as too small."""
         if self.source.remote and candidate.url in self.store.known_urls:
-            return "downloaded before"
+            return DOWNLOADED_BEFORE
         sides = [side for side in (candidate.width, candidate.height) if side]
         if len(sides) == 2 and min(sides) < self.options.min_side:
-            return f"too small (under {self.options.min_side} px)"
+            return too_small(self.options.min_side).reason
         return None
 
     def _fetch_and_check(self, candidate: Candidate, temp: Path) -> _Checked:
@@ -486,15 +516,13 @@ class _Run:
         try:
             info = inspect(temp)
             if min(info.width, info.height) < self.options.min_side:
-                raise FetchError(
-                    f"too small (under {self.options.min_side} px)", f"{info.width}x{info.height}"
-                )
+                raise too_small(self.options.min_side, f"{info.width}x{info.height}")
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
         return _Checked(fetched, info)
 
-    def _settle(self, future: Future, candidate: Candidate, category: str, report: CategoryReport) -> bool:
+    def _settle(self, future: Future, candidate: Candidate, report: CategoryReport) -> bool:
         """Store a finished fetch or count why not; True when an image was kept."""
         try:
             checked = future.result()
@@ -510,12 +538,12 @@ class _Run:
             report.skipped[f"unexpected {type(error).__name__}"] += 1
             return False
         try:
-            stored = self.store.add(checked, category, self.source_name, candidate)
+            stored = self.store.add(checked, report.category, self.source_name, candidate)
         except FetchError as error:
             report.skipped[error.reason] += 1
             return False
         if not stored:
-            report.skipped["duplicate"] += 1
+            report.skipped[DUPLICATE] += 1
             return False
         report.kept += 1
         return True
@@ -579,6 +607,41 @@ def _check_options(options: GatherOptions, name: str) -> None:
         raise UserError("--workers and --min-side must be at least 1")
 
 
+def _queries_by_category(options: GatherOptions, categories: Sequence[str]) -> dict[str, list[str]]:
+    """Each category's --query texts, or its own name as the search when none was given."""
+    for category, _ in options.queries:
+        if category not in categories:
+            raise UserError(
+                f"--query {category}=...: {category!r} is not one of --categories ({','.join(categories)})"
+            )
+    return {
+        category: [q for c, q in options.queries if c == category] or [default_query(category)]
+        for category in categories
+    }
+
+
+def _prepare_folders(root: Path, categories: Sequence[str]) -> None:
+    """Make the images folder and clear what a killed run left; a path that cannot be written is a UserError."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for category in categories:
+            remove_stale_temporaries(root / category)
+    except OSError as error:
+        raise UserError(
+            f"cannot write to {root}: {error.strerror or error}; check the --workspace path"
+        ) from None
+
+
+def _fail_when_no_search_worked(report: GatherReport, name: str) -> None:
+    """When every search failed and nothing is in the folders, the run failed: say so with an exit status."""
+    failed = [item for item in report.categories if item.search_errors and not item.candidates]
+    if failed and len(failed) == len(report.categories) and not any(item.total for item in failed):
+        raise UserError(
+            f"{failed[0].search_errors[0]}; check the internet connection, or try another --source "
+            f"({', '.join(n for n in SOURCES if n != name)})"
+        )
+
+
 def gather(
     workspace: Workspace, options: GatherOptions, print_fn: Callable[[str], object] = print
 ) -> GatherReport:
@@ -589,26 +652,11 @@ def gather(
     settings = SourceSettings(client, options.categories, options.urls_file, options.from_path)
     source = create_source(name, settings)
     categories = _resolve_categories(options, source, name)
-    for category, _ in options.queries:
-        if category not in categories:
-            raise UserError(
-                f"--query {category}=...: {category!r} is not one of --categories ({','.join(categories)})"
-            )
+    queries = _queries_by_category(options, categories)
     limit = options.limit if options.limit is not None else source.default_limit
-    queries = {
-        category: [q for c, q in options.queries if c == category] or [default_query(category)]
-        for category in categories
-    }
     root = workspace.images
     report = GatherReport(source=name, root=root)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        for category in categories:
-            remove_stale_temporaries(root / category)
-    except OSError as error:
-        raise UserError(
-            f"cannot write to {root}: {error.strerror or error}; check the --workspace path"
-        ) from None
+    _prepare_folders(root, categories)
     store = ImageStore(root)
     pool = ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="gather")
     try:
@@ -625,10 +673,5 @@ def gather(
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     print_fn(report.format())
-    failed = [item for item in report.categories if item.search_errors and not item.candidates]
-    if failed and len(failed) == len(report.categories) and not any(item.total for item in failed):
-        raise UserError(
-            f"{failed[0].search_errors[0]}; check the internet connection, or try another --source "
-            f"({', '.join(n for n in SOURCES if n != name)})"
-        )
+    _fail_when_no_search_worked(report, name)
     return report

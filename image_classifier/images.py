@@ -25,6 +25,12 @@ JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini", ".ds_store", "icon\r"})
 JUNK_DIRS = frozenset({"__macosx", ".git", ".ipynb_checkpoints"})
 
 
+NOT_AN_IMAGE = "not an image"
+"""How every refusal of a file that is something else begins: `not an image: <what it is>`."""
+HTML_PAGE = "an HTML page"
+"""What a web page saved or served in place of a photo is called, here and in gather's download checks."""
+
+
 class ImageError(Exception):
     """A file that cannot be used as an image; the message is the reason shown to the user."""
 
@@ -60,11 +66,11 @@ def _sniff_non_image(head: bytes) -> str | None:
         return "empty file (0 bytes)"
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or b"<html" in text[:512]:
-        return "not an image: an HTML page"
+        return f"{NOT_AN_IMAGE}: {HTML_PAGE}"
     if text.startswith((b"<?xml", b"<svg")) and b"<svg" in text[:1024]:
-        return "not an image: SVG vector graphics are not supported, convert it to PNG"
+        return f"{NOT_AN_IMAGE}: SVG vector graphics are not supported, convert it to PNG"
     if text.startswith((b"{", b"[")):
-        return "not an image: JSON text"
+        return f"{NOT_AN_IMAGE}: JSON text"
     return None
 
 
@@ -97,7 +103,7 @@ def open_image(source: Path | bytes | BinaryIO, draft_size: int | None = None) -
                 f"too many pixels (over {MAX_PIXELS:,}): refused as a possible decompression bomb"
             ) from None
         except Image.UnidentifiedImageError:
-            raise ImageError("not an image: unrecognised file format") from None
+            raise ImageError(f"{NOT_AN_IMAGE}: unrecognised file format") from None
         except OSError as error:
             raise ImageError(f"cannot read file: {error}") from None
         try:

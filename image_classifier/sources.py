@@ -19,11 +19,13 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .download import CHUNK, Fetched, FetchError, HttpClient, write_limited
+from .download import CHUNK, Fetched, FetchError, FetchFailure, HttpClient, too_large, write_limited
 from .errors import UserError
 from .images import JUNK_DIRS, is_candidate, list_image_files
 
 DEFAULT_LIMIT = 200
+PAST_THE_LAST_PAGE = frozenset({400, 401, 404})
+"""Statuses Openverse answers a page deeper than anonymous requests may go with: the end of the results."""
 
 
 @dataclass(frozen=True)
@@ -202,8 +204,11 @@ class OpenverseSource(SearchSource):
             try:
                 data = self.client.get_json(self.api_url, params)
             except FetchError as error:
-                if page > 1 and error.reason in ("HTTP 400", "HTTP 401", "HTTP 404"):
-                    return  # deeper than anonymous requests may page
+                past_the_end = (
+                    error.failure is FetchFailure.HTTP_STATUS and error.status in PAST_THE_LAST_PAGE
+                )
+                if page > 1 and past_the_end:
+                    return
                 raise SearchError(f"{self.label} search for {query!r} failed: {error}") from None
             results = data.get("results") if isinstance(data, dict) else None
             if not results:
@@ -403,7 +408,7 @@ class FolderSource(_LocalSource):
             with open(candidate.ref, "rb") as handle:
                 return self._copy(handle, dest, candidate.url)
         except OSError as error:
-            raise FetchError("cannot read file", error.strerror or str(error)) from None
+            raise FetchError(FetchFailure.CANNOT_READ, error.strerror or str(error)) from None
 
 
 @register
@@ -462,10 +467,9 @@ class ZipSource(_LocalSource):
     def fetch(self, candidate: Candidate, dest: Path) -> Fetched:
         info = self.archive.getinfo(candidate.ref)
         if info.flag_bits & 0x1:
-            raise FetchError("encrypted in the zip")
-        limit = self.client.policy.max_bytes
-        if info.file_size > limit:
-            raise FetchError(f"too large (over {limit / 1024 / 1024:.3g} MB)")
+            raise FetchError(FetchFailure.ENCRYPTED)
+        if info.file_size > self.client.policy.max_bytes:
+            raise too_large(self.client.policy.max_bytes)
         try:
             with self.archive.open(info) as handle:
                 return self._copy(handle, dest, candidate.url)
@@ -477,7 +481,7 @@ class ZipSource(_LocalSource):
             EOFError,
             OSError,
         ) as error:
-            raise FetchError("broken zip entry", str(error)[:120]) from None
+            raise FetchError(FetchFailure.BROKEN_ZIP_ENTRY, str(error)[:120]) from None
 
 
 def openverse_licence(code: str | None, version: str | None) -> str:

@@ -38,6 +38,7 @@ from image_classifier.config import Workspace
 from image_classifier.download import (
     Cancelled,
     FetchError,
+    FetchFailure,
     FetchPolicy,
     HttpClient,
     retry_after_seconds,
@@ -405,6 +406,7 @@ def test_404_fails_at_once_without_retrying(web: Web, tmp_path: Path) -> None:
     with pytest.raises(FetchError) as caught:
         HttpClient(FAST).download(web.url("/missing.jpg"), tmp_path / "x.part")
     assert caught.value.reason == "HTTP 404"
+    assert caught.value.failure is FetchFailure.HTTP_STATUS and caught.value.status == 404
     assert web.hits["/missing.jpg"] == 1
     assert not (tmp_path / "x.part").exists()
 
@@ -480,7 +482,8 @@ def test_an_html_page_is_not_an_image(web: Web, tmp_path: Path) -> None:
     web.routes["/page"] = lambda h, q: respond(h, 200, b"<html><body>Sign in</body></html>", "text/html")
     with pytest.raises(FetchError) as caught:
         HttpClient(FAST).download(web.url("/page"), tmp_path / "x.part")
-    assert caught.value.reason == "not an image (HTML page)"
+    assert caught.value.reason == "not an image (an HTML page)"
+    assert caught.value.failure is FetchFailure.NOT_AN_IMAGE
     assert not (tmp_path / "x.part").exists()
 
 
@@ -489,7 +492,8 @@ def test_magic_bytes_catch_html_served_as_an_image(web: Web, tmp_path: Path) -> 
     web.routes["/fake.jpg"] = lambda h, q: respond(h, 200, page, "image/jpeg")
     with pytest.raises(FetchError) as caught:
         HttpClient(FAST).download(web.url("/fake.jpg"), tmp_path / "x.part")
-    assert caught.value.reason == "not an image (HTML page)"
+    assert caught.value.reason == "not an image (an HTML page)"
+    assert caught.value.failure is FetchFailure.NOT_AN_IMAGE
     assert not (tmp_path / "x.part").exists()
 
 
@@ -693,6 +697,30 @@ def test_openverse_follows_page_count(web: Web, workspace: Workspace) -> None:
     assert 'the search ran out of results: add queries like --query cat="..."' in text
 
 
+def test_openverse_refusing_a_deeper_page_ends_the_search_quietly(web: Web, workspace: Workspace) -> None:
+    for i in range(20):
+        web.add_image(f"d{i}.jpg", jpeg(350 + i))
+    web.openverse["cat"] = [Listing(f"d{i}.jpg") for i in range(20)] * 3  # page_count says 3
+    answer = web.routes["/v1/images/"]
+
+    def first_page_only(handler: Handler, q: dict) -> None:
+        if q.get("page", "1") != "1":
+            respond(
+                handler,
+                401,
+                b'{"detail": "Authentication credentials were not provided."}',
+                "application/json",
+            )
+            return
+        answer(handler, q)
+
+    web.routes["/v1/images/"] = first_page_only
+    report, text = run_gather(workspace, categories=("cat",), source="openverse", limit=30)
+    assert len(stored(workspace, "cat")) == 20
+    assert [q["page"] for q in web.queries("/v1/images/")] == ["1", "2"]
+    assert not report.categories[0].search_errors and "failed" not in text
+
+
 def test_ddg_through_the_ddgs_package(
     web: Web, workspace: Workspace, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -773,7 +801,7 @@ def test_urls_list_against_every_kind_of_failure(web: Web, workspace: Workspace,
     assert cat.kept == 3  # u0, flaky after a retry, busy after Retry-After
     assert dict(cat.skipped) == {
         "timeout": 1,
-        "not an image (HTML page)": 1,
+        "not an image (an HTML page)": 1,
         "too large (over 0.286 MB)": 2,
         "redirect loop": 1,
         "too small (under 64 px)": 1,
@@ -1045,6 +1073,13 @@ def test_image_reasons_are_short_enough_to_count() -> None:
         "truncated or corrupt image data"
     )
     assert image_reason("empty file (0 bytes)") == "empty file"
+
+
+def test_a_web_page_is_counted_the_same_whether_the_download_or_the_decoder_catches_it() -> None:
+    from image_classifier.download import not_an_image
+    from image_classifier.images import HTML_PAGE, NOT_AN_IMAGE
+
+    assert image_reason(f"{NOT_AN_IMAGE}: {HTML_PAGE}") == not_an_image(HTML_PAGE).reason
 
 
 # ----------------------------------------------------------------------------------------------------
