@@ -46,15 +46,58 @@ def test_arrays_labels_and_stratified_split(images, tmp_path):
     assert red[0] > red[2] + 40, "red photos stay red: channels are RGB"
 
 
+def with_comment(jpeg: bytes, text: bytes) -> bytes:
+    """The same JPEG with a comment segment after its start marker, as a photo app's metadata edit leaves
+    it: other bytes (another content hash), the very same pixels."""
+    assert jpeg[:2] == b"\xff\xd8"
+    return jpeg[:2] + b"\xff\xfe" + (len(text) + 2).to_bytes(2, "big") + text + jpeg[2:]
+
+
+def plant_copies(images: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The same pictures again under other names: byte-for-byte copies filed under a later category, and
+    copies with edited metadata in the same category. Returns (original, copy) pairs of each kind."""
+    exact = []
+    for index, (source, target) in enumerate((("red", "blue"), ("red", "green"), ("blue", "green")) * 2):
+        original = f"{source}/img_{index:03d}.jpg"
+        copy = f"{target}/from_{source}_{index:03d}.jpg"
+        shutil.copy(images / original, images / copy)
+        exact.append((original, copy))
+    edited = []
+    for category in ("red", "blue", "green"):
+        for index in range(6, 12):
+            original = f"{category}/img_{index:03d}.jpg"
+            copy = f"{category}/img_{index:03d} (edited).jpg"
+            (images / copy).write_bytes(with_comment((images / original).read_bytes(), b"edited"))
+            edited.append((original, copy))
+    return exact, edited
+
+
 def test_no_image_is_in_two_splits_and_the_split_is_seeded(images, tmp_path):
+    exact, edited = plant_copies(images)
     first = prepare_dataset(options(images), Workspace(tmp_path / "a"), print_fn=lambda *_: None)
     again = prepare_dataset(options(images), Workspace(tmp_path / "b"), print_fn=lambda *_: None)
     other = prepare_dataset(options(images, seed=7), Workspace(tmp_path / "c"), print_fn=lambda *_: None)
     rows = manifest(first.path)
-    by_hash: dict[str, set] = {}
-    for row in rows:
-        by_hash.setdefault(row["sha256"], set()).add(row["split"])
-    assert all(len(splits) == 1 for splits in by_hash.values())
+    by_path = {row["path"]: row for row in rows}
+    kept = [row for row in rows if row["status"] == "ok"]
+
+    # a file copied into another category is dropped before splitting: its content is in the arrays once
+    for original, copy in exact:
+        assert by_path[original]["status"] == "ok"
+        assert (
+            by_path[copy]["status"] == "duplicate" and f"same file as {original}" in by_path[copy]["reason"]
+        )
+    assert len({row["sha256"] for row in kept}) == len(kept) == 36 + len(edited)
+    # a copy with other metadata is a near-duplicate: found, and kept in its original's split
+    with open(first.path / "near_duplicates.csv", newline="", encoding="utf-8") as handle:
+        pairs = {frozenset((row["path"], row["looks_like"])) for row in csv.DictReader(handle)}
+    for original, copy in edited:
+        assert frozenset((original, copy)) in pairs
+        assert by_path[copy]["split"] == by_path[original]["split"], (
+            f"{copy} leaked out of {original}'s split"
+        )
+    assert {row["split"] for row in kept} == set(SPLITS)
+
     assert [r["split"] for r in rows] == [r["split"] for r in manifest(again.path)]
     assert [r["split"] for r in rows] != [r["split"] for r in manifest(other.path)]
 
