@@ -26,8 +26,8 @@ from typing import TextIO
 import numpy as np
 
 from .config import Workspace
-from .download import Cancelled, FetchError, FetchPolicy, HttpClient
 from .errors import UserError
+from .gathering.download import Cancelled, FetchError, FetchPolicy, HttpClient
 from .images import ImageError, list_image_files, load_array
 from .runs import TrainedRun, load_run
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from image_classifier import cli
-from image_classifier.gather import (
+from image_classifier.gathering.run import (
     DEFAULT_MIN_SIDE,
     DEFAULT_SOURCE,
     DEFAULT_WORKERS,
@@ -24,7 +24,7 @@ from image_classifier.gather import (
     gather,
     parse_query,
 )
-from image_classifier.sources import DEFAULT_LIMIT, SOURCES
+from image_classifier.gathering.sources import DEFAULT_LIMIT, SOURCES
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -35,7 +35,8 @@ import pytest
 from PIL import Image
 
 from image_classifier.config import Workspace
-from image_classifier.download import (
+from image_classifier.errors import UserError
+from image_classifier.gathering.download import (
     Cancelled,
     FetchError,
     FetchFailure,
@@ -44,8 +45,8 @@ from image_classifier.download import (
     retry_after_seconds,
     sniff_image,
 )
-from image_classifier.errors import UserError
-from image_classifier.gather import IMAGES_MANIFEST_FIELDS, GatherOptions, gather, image_reason, read_manifest
+from image_classifier.gathering.run import GatherOptions, gather, image_reason
+from image_classifier.gathering.store import IMAGES_MANIFEST_FIELDS, read_manifest
 from image_classifier.images import inspect
 
 REPO = Path(__file__).resolve().parents[1]
@@ -1076,7 +1077,7 @@ def test_image_reasons_are_short_enough_to_count() -> None:
 
 
 def test_a_web_page_is_counted_the_same_whether_the_download_or_the_decoder_catches_it() -> None:
-    from image_classifier.download import not_an_image
+    from image_classifier.gathering.download import not_an_image
     from image_classifier.images import HTML_PAGE, NOT_AN_IMAGE
 
     assert image_reason(f"{NOT_AN_IMAGE}: {HTML_PAGE}") == not_an_image(HTML_PAGE).reason

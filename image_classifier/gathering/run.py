@@ -10,26 +10,22 @@ manifest stay on the main thread, so they need no locks.
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
-import os
 import sys
 import uuid
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .categories import category_problem
-from .config import Workspace
-from .download import Cancelled, Fetched, FetchError, FetchFailure, FetchPolicy, HttpClient, countable
-from .errors import UserError
-from .images import ImageError, ImageInfo, inspect, list_image_files
+from ..categories import category_problem
+from ..config import Workspace
+from ..errors import UserError
+from ..images import ImageError, inspect
+from .download import Cancelled, FetchError, FetchFailure, FetchPolicy, HttpClient, countable
+from .report import CategoryReport, GatherReport
 from .sources import SOURCES, Candidate, SearchError, Source, SourceSettings, create_source
+from .store import TEMP_PREFIX, TEMP_SUFFIX, CheckedImage, ImageStore, remove_stale_temporaries
 
 if TYPE_CHECKING:
     import argparse
@@ -38,33 +34,9 @@ DEFAULT_SOURCE = "openverse"
 DEFAULT_WORKERS = 8
 DEFAULT_MIN_SIDE = 64
 """Smaller pictures say too little to learn from; the stage skips them."""
-MANIFEST_NAME = "manifest.csv"
-IMAGES_MANIFEST_FIELDS = [
-    "file",
-    "category",
-    "source",
-    "url",
-    "page",
-    "licence",
-    "author",
-    "sha256",
-    "width",
-    "height",
-    "time",
-]
-"""Columns of images/manifest.csv: where each gathered file came from (the dataset's own manifest is
-preprocess.DATASET_MANIFEST_FIELDS)."""
-MANUAL_SOURCE = "manual"
-"""Manifest source of a file that was already in a category folder (put there by hand)."""
-TEMP_PREFIX = ".gather-"
-TEMP_SUFFIX = ".part"
-NAME_CHARS = 16
-"""Hex digits of the sha256 in a stored file's name: unique in practice, short enough to read."""
 FAILURE_FACTOR = 5
 MIN_FAILURE_BUDGET = 50
 """A remote category stops after max(50, 5 x images still needed) fetches that kept nothing."""
-EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp"}
-EXTENSIONS |= {"TIFF": ".tif", "AVIF": ".avif"}
 DOWNLOADED_BEFORE = "downloaded before"
 DUPLICATE = "duplicate"
 """Skip reasons of gather's own (next to FetchError.reason and image_reason) as the summary counts them."""
@@ -123,253 +95,6 @@ class GatherOptions:
         if self.from_path is not None:
             return "folder" if self.from_path.is_dir() else "zip"
         return DEFAULT_SOURCE
-
-
-@dataclass
-class CategoryReport:
-    category: str
-    limit: int | None
-    existing: int = 0
-    """Good images that were already in the folder."""
-    unusable: int = 0
-    """Files already in the folder that do not decode; left in place, not counted."""
-    kept: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    candidates: int = 0
-    search_errors: list[str] = field(default_factory=list)
-    ran_out: bool = False
-    gave_up: bool = False
-
-    @property
-    def total(self) -> int:
-        return self.existing + self.kept
-
-    def line(self, searches: bool) -> str:
-        wanted = f" of {self.limit}" if self.limit is not None else ""
-        parts = [f"{self.kept} new"] + ([f"{self.existing} already there"] if self.existing else [])
-        text = f"{self.category}: {self.total}{wanted} images ({', '.join(parts)})"
-        if self.skipped:
-            reasons = ", ".join(f"{count} {reason}" for reason, count in self.skipped.most_common())
-            text += f"; skipped {sum(self.skipped.values())}: {reasons}"
-        notes = []
-        if self.unusable:
-            notes.append(
-                f"{self.unusable} file(s) already in the folder do not open as images (left as they are)"
-            )
-        notes += self.search_errors
-        short = self.limit is not None and self.total < self.limit
-        if self.ran_out and not self.candidates and not self.search_errors:
-            notes.append("the source has no images for it")
-        elif short and self.gave_up:
-            notes.append(
-                "stopped early: too many downloads failed or were duplicates; try again later or another --source"
-            )
-        elif short and self.ran_out and searches:
-            notes.append(
-                f'the search ran out of results: add queries like --query {self.category}="..." '
-                "or try another --source"
-            )
-        elif short and self.ran_out:
-            notes.append("the source has no more images for it")
-        return "\n".join([text, *(f"  {self.category}: {note}" for note in notes)])
-
-
-@dataclass
-class GatherReport:
-    source: str
-    root: Path
-    categories: list[CategoryReport] = field(default_factory=list)
-
-    def format(self) -> str:
-        searches = SOURCES[self.source].searches
-        lines = [f"Images in {self.root} (source: {self.source}):"]
-        lines += ["  " + report.line(searches).replace("\n", "\n  ") for report in self.categories]
-        lines.append(f"Every kept image is listed in {self.root / MANIFEST_NAME}")
-        if self.source == "ddg":
-            lines.append(
-                "Note: ddg results carry no licence; check an image's page (in the manifest) before you "
-                "share it or a model trained on it."
-            )
-        return "\n".join(lines)
-
-
-@dataclass(frozen=True)
-class _Checked:
-    fetched: Fetched
-    info: ImageInfo
-
-
-class ImageStore:
-    """The images folder: what it holds (by content hash), the manifest, and adding files without overwriting."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.manifest = root / MANIFEST_NAME
-        rows = read_manifest(self.manifest)
-        self.recorded = {(row["file"], row["sha256"]): row for row in rows}
-        self.known_urls = {
-            row["url"] for row in rows if row.get("url") and row.get("source") != MANUAL_SOURCE
-        }
-        self.hashes: dict[str, str] = {}
-        """sha256 -> file (relative to root) of every image anywhere in the category folders."""
-        self.file_hashes: dict[str, str] = {}
-        self._needs_newline = _lacks_final_newline(self.manifest)
-
-    def scan(self, map_fn: Callable[..., Iterable[Any]]) -> None:
-        """Hash every file in every category folder, so nothing is stored twice anywhere."""
-        files = [path for path in list_image_files(self.root) if len(path.relative_to(self.root).parts) > 1]
-        for path, sha256 in zip(files, map_fn(_sha256_of, files), strict=True):
-            if sha256 is None:
-                continue
-            relative = path.relative_to(self.root).as_posix()
-            self.file_hashes[relative] = sha256
-            self.hashes.setdefault(sha256, relative)
-
-    def check_existing(self, category: str, map_fn: Callable[..., Iterable[Any]]) -> tuple[int, int]:
-        """(good, unusable) images already in the folder; good ones not yet in the manifest are added."""
-        folder = self.root / category
-        good: set[str] = set()
-        unknown: list[tuple[Path, str]] = []
-        unusable = 0
-        for path in list_image_files(folder) if folder.is_dir() else []:
-            relative = path.relative_to(self.root).as_posix()
-            sha256 = self.file_hashes.get(relative)
-            if sha256 is None:
-                unusable += 1
-            elif (relative, sha256) in self.recorded:
-                good.add(sha256)
-            else:
-                unknown.append((path, relative))
-        infos = map_fn(_inspect_or_none, [path for path, _ in unknown])
-        for (_, relative), info in zip(unknown, infos, strict=True):
-            if info is None:
-                unusable += 1
-                continue
-            sha256 = self.file_hashes[relative]
-            good.add(sha256)
-            self._record(relative, category, MANUAL_SOURCE, Candidate(url=""), sha256, info)
-        return len(good), unusable
-
-    def add(self, checked: _Checked, category: str, source: str, candidate: Candidate) -> bool:
-        """Move a checked temporary file into place; False (and the file removed) when it is a duplicate."""
-        temp, sha256 = checked.fetched.path, checked.fetched.sha256
-        if sha256 in self.hashes:
-            temp.unlink(missing_ok=True)
-            return False
-        ext = EXTENSIONS.get(checked.info.format, f".{checked.info.format.lower()}")
-        folder = self.root / category
-        for stem in (sha256[:NAME_CHARS], sha256):
-            final = folder / f"{stem}{ext}"
-            if _place(temp, final):
-                break
-        else:
-            temp.unlink(missing_ok=True)
-            raise FetchError(FetchFailure.NAME_TAKEN, f"{final.name} exists with other content")
-        relative = final.relative_to(self.root).as_posix()
-        self.hashes[sha256] = relative
-        self.file_hashes[relative] = sha256
-        self._record(relative, category, source, candidate, sha256, checked.info)
-        return True
-
-    def _record(
-        self, relative: str, category: str, source: str, candidate: Candidate, sha256: str, info: ImageInfo
-    ) -> None:
-        row = {
-            "file": relative,
-            "category": category,
-            "source": source,
-            "url": candidate.url,
-            "page": candidate.page,
-            "licence": candidate.licence,
-            "author": candidate.author,
-            "sha256": sha256,
-            "width": info.width,
-            "height": info.height,
-            "time": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        self.append_row(row)
-        self.recorded[(relative, sha256)] = {key: str(value) for key, value in row.items()}
-        if candidate.url and source != MANUAL_SOURCE:
-            self.known_urls.add(candidate.url)
-
-    def append_row(self, row: dict[str, Any]) -> None:
-        """One whole line per write, flushed at once: an interrupted run leaves at most one broken last line."""
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=IMAGES_MANIFEST_FIELDS, lineterminator="\n")
-        new = not self.manifest.exists() or self.manifest.stat().st_size == 0
-        if new:
-            writer.writeheader()
-        elif self._needs_newline:
-            buffer.write("\n")
-        writer.writerow(row)
-        with open(self.manifest, "a", encoding="utf-8", newline="") as handle:
-            handle.write(buffer.getvalue())
-            handle.flush()
-        self._needs_newline = False
-
-
-def read_manifest(path: Path) -> list[dict[str, str]]:
-    """Rows with a file and a hash; a line cut short by an interrupted run is ignored."""
-    if not path.exists():
-        return []
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            return [
-                row
-                for row in csv.DictReader(handle)
-                if row.get("file") and row.get("sha256") and len(row["sha256"]) == 64 and None not in row
-            ]
-    except (csv.Error, UnicodeDecodeError, OSError) as error:
-        raise UserError(f"cannot read {path} ({error}); move it aside and run again to rebuild it") from None
-
-
-def _lacks_final_newline(path: Path) -> bool:
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(-1, os.SEEK_END)
-            return handle.read(1) not in (b"\n", b"\r")
-    except OSError:
-        return False
-
-
-def _place(temp: Path, final: Path) -> bool:
-    """Give `temp` the name `final` unless that name is taken; never replaces an existing file."""
-    try:
-        os.link(temp, final)
-    except FileExistsError:
-        return False
-    except OSError:  # no hard links on this filesystem: check, then rename (one writer: the main thread)
-        if final.exists():
-            return False
-        os.replace(temp, final)
-        return True
-    temp.unlink()
-    return True
-
-
-def _sha256_of(path: Path) -> str | None:
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1024 * 1024), b""):
-                digest.update(chunk)
-    except OSError:
-        return None
-    return digest.hexdigest()
-
-
-def _inspect_or_none(path: Path) -> ImageInfo | None:
-    try:
-        return inspect(path)
-    except ImageError:
-        return None
-
-
-def remove_stale_temporaries(folder: Path) -> None:
-    """Temporary files a killed run left behind; only names this stage makes are touched."""
-    if folder.is_dir():
-        for path in folder.glob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
-            path.unlink(missing_ok=True)
 
 
 def image_reason(message: str) -> str:
@@ -510,7 +235,7 @@ class _Run:
             return too_small(self.options.min_side).reason
         return None
 
-    def _fetch_and_check(self, candidate: Candidate, temp: Path) -> _Checked:
+    def _fetch_and_check(self, candidate: Candidate, temp: Path) -> CheckedImage:
         """Runs on a download thread: the bytes into `temp`, then a full decode, as preprocessing will."""
         fetched = self.source.fetch(candidate, temp)
         try:
@@ -520,7 +245,7 @@ class _Run:
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
-        return _Checked(fetched, info)
+        return CheckedImage(fetched, info)
 
     def _settle(self, future: Future, candidate: Candidate, report: CategoryReport) -> bool:
         """Store a finished fetch or count why not; True when an image was kept."""

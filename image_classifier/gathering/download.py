@@ -28,8 +28,8 @@ from urllib.parse import urljoin, urlsplit
 import requests
 import urllib3
 
-from . import __version__
-from .images import HTML_PAGE, NOT_AN_IMAGE
+from .. import __version__
+from ..images import HTML_PAGE, NOT_AN_IMAGE
 
 T = TypeVar("T")
 

@@ -2,7 +2,7 @@
 
 A source only lists candidates (a URL or local file, with page, licence and author when it knows them)
 and fetches one into a file it is given. Checking, deduplicating and storing are the same for every
-source and live in gather.py, so a file imported from a zip passes exactly the tests a download does.
+source and live in run.py and store.py, so a file imported from a zip passes exactly the tests a download does.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..errors import UserError
+from ..images import JUNK_DIRS, is_candidate, list_image_files
 from .download import CHUNK, Fetched, FetchError, FetchFailure, HttpClient, too_large, write_limited
-from .errors import UserError
-from .images import JUNK_DIRS, is_candidate, list_image_files
 
 DEFAULT_LIMIT = 200
 PAST_THE_LAST_PAGE = frozenset({400, 401, 404})

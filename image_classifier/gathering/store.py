@@ -1,0 +1,230 @@
+"""The images folder as gather keeps it: files named by content hash, never overwritten, and
+images/manifest.csv saying where each came from.
+
+Adding a file is a hard link (or a checked rename) from a temporary file in the same folder, so a name
+that is taken is never replaced, and each manifest row is one flushed write, so an interrupted run
+leaves at most one broken last line (which reading ignores).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from ..images import ImageError, ImageInfo, inspect, list_image_files
+from .download import Fetched, FetchError, FetchFailure
+from .sources import Candidate
+
+MANIFEST_NAME = "manifest.csv"
+IMAGES_MANIFEST_FIELDS = [
+    "file",
+    "category",
+    "source",
+    "url",
+    "page",
+    "licence",
+    "author",
+    "sha256",
+    "width",
+    "height",
+    "time",
+]
+"""Columns of images/manifest.csv: where each gathered file came from (the dataset's own manifest is
+preprocess.DATASET_MANIFEST_FIELDS)."""
+MANUAL_SOURCE = "manual"
+"""Manifest source of a file that was already in a category folder (put there by hand)."""
+TEMP_PREFIX = ".gather-"
+TEMP_SUFFIX = ".part"
+NAME_CHARS = 16
+"""Hex digits of the sha256 in a stored file's name: unique in practice, short enough to read."""
+EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp"}
+EXTENSIONS |= {"TIFF": ".tif", "AVIF": ".avif"}
+
+
+@dataclass(frozen=True)
+class CheckedImage:
+    """A fetched temporary file that decoded fully, with what the decode found."""
+
+    fetched: Fetched
+    info: ImageInfo
+
+
+class ImageStore:
+    """The images folder: what it holds (by content hash), the manifest, and adding files without overwriting."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.manifest = root / MANIFEST_NAME
+        rows = read_manifest(self.manifest)
+        self.recorded = {(row["file"], row["sha256"]): row for row in rows}
+        self.known_urls = {
+            row["url"] for row in rows if row.get("url") and row.get("source") != MANUAL_SOURCE
+        }
+        self.hashes: dict[str, str] = {}
+        """sha256 -> file (relative to root) of every image anywhere in the category folders."""
+        self.file_hashes: dict[str, str] = {}
+        self._needs_newline = _lacks_final_newline(self.manifest)
+
+    def scan(self, map_fn: Callable[..., Iterable[Any]]) -> None:
+        """Hash every file in every category folder, so nothing is stored twice anywhere."""
+        files = [path for path in list_image_files(self.root) if len(path.relative_to(self.root).parts) > 1]
+        for path, sha256 in zip(files, map_fn(_sha256_of, files), strict=True):
+            if sha256 is None:
+                continue
+            relative = path.relative_to(self.root).as_posix()
+            self.file_hashes[relative] = sha256
+            self.hashes.setdefault(sha256, relative)
+
+    def check_existing(self, category: str, map_fn: Callable[..., Iterable[Any]]) -> tuple[int, int]:
+        """(good, unusable) images already in the folder; good ones not yet in the manifest are added."""
+        folder = self.root / category
+        good: set[str] = set()
+        unknown: list[tuple[Path, str]] = []
+        unusable = 0
+        for path in list_image_files(folder) if folder.is_dir() else []:
+            relative = path.relative_to(self.root).as_posix()
+            sha256 = self.file_hashes.get(relative)
+            if sha256 is None:
+                unusable += 1
+            elif (relative, sha256) in self.recorded:
+                good.add(sha256)
+            else:
+                unknown.append((path, relative))
+        infos = map_fn(_inspect_or_none, [path for path, _ in unknown])
+        for (_, relative), info in zip(unknown, infos, strict=True):
+            if info is None:
+                unusable += 1
+                continue
+            sha256 = self.file_hashes[relative]
+            good.add(sha256)
+            self._record(relative, category, MANUAL_SOURCE, Candidate(url=""), sha256, info)
+        return len(good), unusable
+
+    def add(self, checked: CheckedImage, category: str, source: str, candidate: Candidate) -> bool:
+        """Move a checked temporary file into place; False (and the file removed) when it is a duplicate."""
+        temp, sha256 = checked.fetched.path, checked.fetched.sha256
+        if sha256 in self.hashes:
+            temp.unlink(missing_ok=True)
+            return False
+        ext = EXTENSIONS.get(checked.info.format, f".{checked.info.format.lower()}")
+        folder = self.root / category
+        for stem in (sha256[:NAME_CHARS], sha256):
+            final = folder / f"{stem}{ext}"
+            if _place(temp, final):
+                break
+        else:
+            temp.unlink(missing_ok=True)
+            raise FetchError(FetchFailure.NAME_TAKEN, f"{final.name} exists with other content")
+        relative = final.relative_to(self.root).as_posix()
+        self.hashes[sha256] = relative
+        self.file_hashes[relative] = sha256
+        self._record(relative, category, source, candidate, sha256, checked.info)
+        return True
+
+    def _record(
+        self, relative: str, category: str, source: str, candidate: Candidate, sha256: str, info: ImageInfo
+    ) -> None:
+        row = {
+            "file": relative,
+            "category": category,
+            "source": source,
+            "url": candidate.url,
+            "page": candidate.page,
+            "licence": candidate.licence,
+            "author": candidate.author,
+            "sha256": sha256,
+            "width": info.width,
+            "height": info.height,
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        self.append_row(row)
+        self.recorded[(relative, sha256)] = {key: str(value) for key, value in row.items()}
+        if candidate.url and source != MANUAL_SOURCE:
+            self.known_urls.add(candidate.url)
+
+    def append_row(self, row: dict[str, Any]) -> None:
+        """One whole line per write, flushed at once: an interrupted run leaves at most one broken last line."""
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=IMAGES_MANIFEST_FIELDS, lineterminator="\n")
+        new = not self.manifest.exists() or self.manifest.stat().st_size == 0
+        if new:
+            writer.writeheader()
+        elif self._needs_newline:
+            buffer.write("\n")
+        writer.writerow(row)
+        with open(self.manifest, "a", encoding="utf-8", newline="") as handle:
+            handle.write(buffer.getvalue())
+            handle.flush()
+        self._needs_newline = False
+
+
+def read_manifest(path: Path) -> list[dict[str, str]]:
+    """Rows with a file and a hash; a line cut short by an interrupted run is ignored."""
+    if not path.exists():
+        return []
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            return [
+                row
+                for row in csv.DictReader(handle)
+                if row.get("file") and row.get("sha256") and len(row["sha256"]) == 64 and None not in row
+            ]
+    except (csv.Error, UnicodeDecodeError, OSError) as error:
+        raise UserError(f"cannot read {path} ({error}); move it aside and run again to rebuild it") from None
+
+
+def _lacks_final_newline(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(-1, os.SEEK_END)
+            return handle.read(1) not in (b"\n", b"\r")
+    except OSError:
+        return False
+
+
+def _place(temp: Path, final: Path) -> bool:
+    """Give `temp` the name `final` unless that name is taken; never replaces an existing file."""
+    try:
+        os.link(temp, final)
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links on this filesystem: check, then rename (one writer: the main thread)
+        if final.exists():
+            return False
+        os.replace(temp, final)
+        return True
+    temp.unlink()
+    return True
+
+
+def _sha256_of(path: Path) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1024 * 1024), b""):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def _inspect_or_none(path: Path) -> ImageInfo | None:
+    try:
+        return inspect(path)
+    except ImageError:
+        return None
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Temporary files a killed run left behind; only names this stage makes are touched."""
+    if folder.is_dir():
+        for path in folder.glob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
+            path.unlink(missing_ok=True)
