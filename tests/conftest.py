@@ -1,11 +1,16 @@
-"""Shared test set-up: a private KERAS_HOME seeded with the shared MobileNetV2 weights, generated photos.
+"""Shared test set-up: a private KERAS_HOME seeded with the shared MobileNetV2 weights, generated photos,
+the trained runs several test files share (session fixtures), and the two ways tests use a script.
 
 KERAS_HOME must be set before Keras is first imported, so it is set here at import time.
+
+Scripts: `run_script` (or `script_command` for a process to start and watch) runs a stage in a new
+Python process, the way a user does; `load_script` imports a script as a module, to call its functions.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import math
 import os
 import shutil
@@ -14,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -95,17 +101,68 @@ def tree_digest(root: Path) -> dict[str, tuple[str, int]]:
     }
 
 
-def run_script(script: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 600):
+def script_command(script: str, *args: str, before: str = "") -> list[str]:
+    """The command line that runs scripts/<script> with `args`; `before` is Python code run first in the
+    same interpreter (to set up TensorFlow devices, say), then the script runs as __main__."""
+    path = str(ROOT / "scripts" / script)
+    if not before:
+        return [sys.executable, path, *args]
+    run_as_main = (
+        "import runpy, sys\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    return [sys.executable, "-c", f"{before}\n{run_as_main}\n", path, *args]
+
+
+def run_script(
+    script: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 600, before: str = ""
+) -> subprocess.CompletedProcess:
     """Run a stage script the way a user does; returns the CompletedProcess (text output)."""
-    full_env = {**os.environ, **(env or {})}
     return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / script), *args],
+        script_command(script, *args, before=before),
         cwd=cwd,
-        env=full_env,
+        env={**os.environ, **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def load_script(script: str) -> ModuleType:
+    """scripts/<script> imported as a fresh module (its `if __name__ == "__main__"` part does not run),
+    to call its functions directly: `load_script("plot_history.py").main([...])`."""
+    path = ROOT / "scripts" / (script if script.endswith(".py") else f"{script}.py")
+    spec = importlib.util.spec_from_file_location(f"scripts_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# Trained runs, each made once per session (pytest keeps a session fixture's value); the training code is
+# in training_runs.py, imported only when a test asks, so tests that train nothing do not load TensorFlow.
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory, keras_home):
+    """Two cnn runs and a fine-tuned mobilenet_v2 run in one workspace (training_runs.TrainedRuns)."""
+    from training_runs import train_three_runs
+
+    return train_three_runs(tmp_path_factory.mktemp("trained"))
+
+
+@pytest.fixture(scope="session")
+def cnn_run(tmp_path_factory):
+    """A tiny cnn run on generated photos in its own workspace (training_runs.TrainedRun)."""
+    from training_runs import train_cnn_run
+
+    return train_cnn_run(tmp_path_factory.mktemp("cnn-run"))
+
+
+@pytest.fixture(scope="session")
+def animals_run(tmp_path_factory, keras_home):
+    """A mobilenet_v2 run on the shared real photos of cats, dogs and horses (training_runs.TrainedRun)."""
+    from training_runs import train_animals_run
+
+    return train_animals_run(tmp_path_factory.mktemp("animals-run"))
 
 
 def logged_learning_rates(run: Path) -> list[float]:

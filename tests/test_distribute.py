@@ -6,21 +6,16 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, make_image_folders, run_script
-from test_train import RUN_FILES
+from conftest import make_image_folders, run_script, script_command
+from training_runs import RUN_FILES
 
-SCRIPT = str(ROOT / "scripts" / "machine_learning.py")
 TWO_CPUS = """
-import runpy, sys
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
@@ -50,18 +45,11 @@ def finished_run(workspace: Path) -> tuple[Path, dict, dict]:
 def test_mirrored_on_two_cpu_devices_matches_one_device(images, tmp_path):
     single = run_script("machine_learning.py", *options(images, tmp_path / "one"), cwd=tmp_path)
     assert single.returncode == 0, single.stderr
-    mirrored = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            TWO_CPUS,
-            SCRIPT,
-            *options(images, tmp_path / "two", "--distribute", "mirrored"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    mirrored = run_script(
+        "machine_learning.py",
+        *options(images, tmp_path / "two", "--distribute", "mirrored"),
         cwd=tmp_path,
+        before=TWO_CPUS,
     )
     assert mirrored.returncode == 0, mirrored.stderr
     assert "Distributed (mirrored): 2 replicas on 1 worker(s)" in mirrored.stdout
@@ -103,7 +91,9 @@ def test_multi_worker_on_two_local_processes_writes_one_run(images, tmp_path):
         workspace = tmp_path / f"machine{index}"  # as on two machines: each has its own workspace
         processes.append(
             subprocess.Popen(
-                [sys.executable, SCRIPT, *options(images, workspace, "--distribute", "multi-worker")],
+                script_command(
+                    "machine_learning.py", *options(images, workspace, "--distribute", "multi-worker")
+                ),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,

@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 from conftest import run_script, synthetic_photo, tree_digest
 from PIL import Image
-from test_predict import animals_run, cnn_run
 
 from image_classifier import export
 from image_classifier.errors import UserError
 from image_classifier.export import ExportOptions, compare, export_run
 from image_classifier.images import load_array
 from image_classifier.models import load_model
-from image_classifier.runs import load_run
+from image_classifier.runs import RunFolder
 
 VARIANTS = [
     ("savedmodel", "none", "savedmodel"),
@@ -28,11 +27,6 @@ VARIANTS = [
     ("tflite", "int8", "model_int8.tflite"),
     ("onnx", "none", "model.onnx"),
 ]
-
-
-@pytest.fixture(scope="session")
-def cnn(tmp_path_factory):
-    return cnn_run(tmp_path_factory)
 
 
 def fresh_images(image_size: int, resize: str) -> np.ndarray:
@@ -73,12 +67,12 @@ def run_in_own_runtime(path: Path, format: str, images: np.ndarray) -> np.ndarra
 
 
 @pytest.mark.parametrize(("format", "quantize", "artifact"), VARIANTS, ids=[v[2] for v in VARIANTS])
-def test_each_format_round_trips_and_passes_its_check(cnn, format, quantize, artifact):
+def test_each_format_round_trips_and_passes_its_check(cnn_run, format, quantize, artifact):
     lines: list[str] = []
     result = export_run(
-        ExportOptions(format, run=str(cnn.run), quantize=quantize), cnn.workspace, lines.append
+        ExportOptions(format, run=str(cnn_run.run), quantize=quantize), cnn_run.workspace, lines.append
     )
-    folder = cnn.run / "export"
+    folder = cnn_run.run / "export"
     assert result.path == folder / artifact and result.path.exists()
     assert result.check.passed and result.check.images == 6 and result.check.split == "test"
     assert any(line.startswith("Check on 6 test images") and line.endswith(": passed") for line in lines)
@@ -86,11 +80,11 @@ def test_each_format_round_trips_and_passes_its_check(cnn, format, quantize, art
     assert not [path for path in folder.iterdir() if path.name.startswith(".partial-")]
     entry = json.loads((folder / "export.json").read_text())[artifact]
     assert entry["input"]["dtype"] == "uint8" and entry["output"]["labels"] == json.loads(
-        (cnn.run / "labels.json").read_text()
+        (cnn_run.run / "labels.json").read_text()
     )
     assert entry["bytes"] == result.size and entry["check"]["passed"]
 
-    run = load_run(cnn.workspace, cnn.run)
+    run = RunFolder.find(cnn_run.workspace, cnn_run.run)
     model = load_model(run.model_path)
     images = fresh_images(run.image_size, run.resize)
     expected = model.predict(images.astype(np.float32), verbose=0)
@@ -109,19 +103,19 @@ def test_each_format_round_trips_and_passes_its_check(cnn, format, quantize, art
         assert entry["input"]["shape"] == [None, run.image_size, run.image_size, 3]
 
 
-def test_a_failed_check_keeps_the_previous_export(cnn, monkeypatch):
-    options = ExportOptions("onnx", run=str(cnn.run))
-    export_run(options, cnn.workspace, lambda *_: None)
-    folder = cnn.run / "export"
+def test_a_failed_check_keeps_the_previous_export(cnn_run, monkeypatch):
+    options = ExportOptions("onnx", run=str(cnn_run.run))
+    export_run(options, cnn_run.workspace, lambda *_: None)
+    folder = cnn_run.run / "export"
     before = tree_digest(folder)
     monkeypatch.setitem(export.TOLERANCES, "none", -1.0)
     with pytest.raises(
         UserError, match=r"the onnx export does not predict like the Keras model .*nothing was saved"
     ):
-        export_run(options, cnn.workspace, lambda *_: None)
+        export_run(options, cnn_run.workspace, lambda *_: None)
     assert tree_digest(folder) == before
     monkeypatch.undo()
-    export_run(options, cnn.workspace, lambda *_: None)
+    export_run(options, cnn_run.workspace, lambda *_: None)
     after = tree_digest(folder)
     assert after["model.onnx"][1] > before["model.onnx"][1]
     assert {name for name in after if not name.startswith(".")} == {
@@ -129,11 +123,11 @@ def test_a_failed_check_keeps_the_previous_export(cnn, monkeypatch):
     }
 
 
-def test_a_savedmodel_export_is_replaced_whole(cnn):
-    options = ExportOptions("savedmodel", run=str(cnn.run))
-    first = export_run(options, cnn.workspace, lambda *_: None)
+def test_a_savedmodel_export_is_replaced_whole(cnn_run):
+    options = ExportOptions("savedmodel", run=str(cnn_run.run))
+    first = export_run(options, cnn_run.workspace, lambda *_: None)
     (first.path / "stale.txt").write_text("left by the earlier export")
-    second = export_run(options, cnn.workspace, lambda *_: None)
+    second = export_run(options, cnn_run.workspace, lambda *_: None)
     assert second.path == first.path and not (second.path / "stale.txt").exists()
     assert second.check.passed
 
@@ -151,13 +145,13 @@ def test_compare_accepts_near_ties_only_for_quantized_exports():
     assert not compare(reference, np.full_like(reference, np.nan), 0.1, allow_near_ties=True).passed
 
 
-def test_the_script_prints_the_check_the_size_and_the_input_contract(cnn, tmp_path):
+def test_the_script_prints_the_check_the_size_and_the_input_contract(cnn_run, tmp_path):
     result = run_script(
-        "export.py", "--run", str(cnn.run), "--format", "tflite", "--quantize", "float16", cwd=tmp_path
+        "export.py", "--run", str(cnn_run.run), "--format", "tflite", "--quantize", "float16", cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr
     assert "Check on 6 test images: top-1 the same on 6/6" in result.stdout
-    assert f"Saved {cnn.run / 'export' / 'model_float16.tflite'} (" in result.stdout
+    assert f"Saved {cnn_run.run / 'export' / 'model_float16.tflite'} (" in result.stdout
     assert "Contract: input 'image' uint8 [N, 32, 32, 3] RGB 0..255" in result.stdout
 
 
@@ -174,8 +168,8 @@ def test_the_script_prints_the_check_the_size_and_the_input_contract(cnn, tmp_pa
         (["--run", "RUN"], "the following arguments are required: --format"),
     ],
 )
-def test_bad_command_lines_end_in_one_line_and_exit_2(cnn, tmp_path, arguments, message):
-    arguments = [str(cnn.run) if argument == "RUN" else argument for argument in arguments]
+def test_bad_command_lines_end_in_one_line_and_exit_2(cnn_run, tmp_path, arguments, message):
+    arguments = [str(cnn_run.run) if argument == "RUN" else argument for argument in arguments]
     result = run_script("export.py", *arguments, "--workspace", "empty-workspace", cwd=tmp_path)
     assert result.returncode == 2
     assert message in result.stderr
@@ -183,16 +177,15 @@ def test_bad_command_lines_end_in_one_line_and_exit_2(cnn, tmp_path, arguments, 
 
 
 @pytest.mark.slow
-def test_quantized_and_onnx_exports_of_a_mobilenet_run_pass_their_checks(tmp_path_factory, keras_home):
+def test_quantized_and_onnx_exports_of_a_mobilenet_run_pass_their_checks(animals_run):
     """A real network: depthwise convolutions, ReLU6 and folded BatchNorm through tf2onnx, and quantization
     error at its real size (the float32 SavedModel and TFLite paths are the same code as for the cnn)."""
-    trained = animals_run(tmp_path_factory)
     sizes = {}
     for format, quantize, artifact in VARIANTS[2:]:
         result = export_run(
-            ExportOptions(format, run=str(trained.run), quantize=quantize), trained.workspace, print
+            ExportOptions(format, run=str(animals_run.run), quantize=quantize), animals_run.workspace, print
         )
         assert result.check.passed, result.check.describe()
         sizes[artifact] = result.size
-    keras_size = (trained.run / "model.keras").stat().st_size
+    keras_size = (animals_run.run / "model.keras").stat().st_size
     assert sizes["model_int8.tflite"] < sizes["model_float16.tflite"] < sizes["model.onnx"] < keras_size

@@ -129,11 +129,20 @@ def test_resize_layer_matches_keras_resizing():
         np.testing.assert_allclose(SquareResize(20, mode)(images), expected, atol=1e-4)
 
 
-def test_shared_imagenet_weights_load_through_keras_cache(keras_home):
+def test_shared_imagenet_weights_load_through_keras_cache(keras_home, monkeypatch):
+    for proxy in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(proxy, "http://127.0.0.1:9")  # a closed port: any download would fail at once
     built = build_model(get_spec("mobilenet_v2"), 2, 96, weights="imagenet")
     random = build_model(get_spec("mobilenet_v2"), 2, 96, weights="none")
     first = built.backbone.get_weights()[0]
     assert not np.allclose(first, random.backbone.get_weights()[0])
+    # the very numbers of the file seeded into KERAS_HOME
+    import h5py
+
+    cached = keras_home / "models" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_96_no_top.h5"
+    with h5py.File(cached, "r") as weights:
+        conv1 = weights["Conv1"]
+        np.testing.assert_array_equal(first, conv1[conv1.attrs["weight_names"][0]][()])
 
 
 def test_unknown_model_and_too_small_image():

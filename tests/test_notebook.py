@@ -5,18 +5,11 @@ from __future__ import annotations
 import os
 
 import nbformat
-import pytest
 from conftest import ROOT
 from nbclient import NotebookClient
-from training_runs import trained_runs
 
 NOTEBOOK = ROOT / "notebook" / "history.ipynb"
 ARTIFACTS = ROOT / "test-artifacts"
-
-
-@pytest.fixture(scope="session")
-def runs(tmp_path_factory):
-    return trained_runs(tmp_path_factory)
 
 
 def execute(notebook, cwd):
@@ -39,9 +32,9 @@ def outputs(notebook, kind: str) -> list:
     return found
 
 
-def test_the_notebook_shows_the_latest_run_found_from_the_notebook_folder(runs):
+def test_the_notebook_shows_the_latest_run_found_from_the_notebook_folder(trained_runs):
     """A checkout's layout: the kernel starts in notebook/, the runs are in ../workspace, no $WORKSPACE."""
-    notebook_dir = runs.base / "notebook"
+    notebook_dir = trained_runs.base / "notebook"
     notebook_dir.mkdir(exist_ok=True)
 
     executed = execute(nbformat.read(NOTEBOOK, as_version=4), notebook_dir)
@@ -49,23 +42,23 @@ def test_the_notebook_shows_the_latest_run_found_from_the_notebook_folder(runs):
     ARTIFACTS.mkdir(exist_ok=True)
     nbformat.write(executed, ARTIFACTS / "history-executed.ipynb")
     text = "".join(outputs(executed, "text"))
-    assert f"run folder:       {runs.transfer.resolve()}" in text
+    assert f"run folder:       {trained_runs.transfer.resolve()}" in text
     assert "fine-tuning from: epoch 3" in text
     assert "true red, predicted" in text, "the misclassified photos are listed"
     # curves, confusion matrix, misclassified grid, comparison of the last three runs
     assert len(outputs(executed, "image/png")) == 4
 
 
-def test_one_cell_chooses_another_run(runs):
+def test_one_cell_chooses_another_run(trained_runs):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     choose = [cell for cell in notebook.cells if cell.source.startswith('RUN = "latest"')]
     assert len(choose) == 1, "one cell holds the choice of run"
-    choose[0].source = choose[0].source.replace('RUN = "latest"', f"RUN = {runs.cnn.name!r}", 1)
+    choose[0].source = choose[0].source.replace('RUN = "latest"', f"RUN = {trained_runs.cnn.name!r}", 1)
 
-    executed = execute(notebook, runs.base)
+    executed = execute(notebook, trained_runs.base)
 
     text = "".join(outputs(executed, "text"))
-    assert f"run folder:       {runs.cnn.resolve()}" in text
+    assert f"run folder:       {trained_runs.cnn.resolve()}" in text
     assert "fine-tuning from" not in text
     assert len(outputs(executed, "image/png")) == 4
 

@@ -9,76 +9,20 @@ import http.server
 import io
 import json
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ANIMALS, make_image_folders, run_script, synthetic_photo
+from conftest import ANIMALS, run_script, synthetic_photo
 from PIL import Image
+from training_runs import TrainedRun
 
 from image_classifier.config import Workspace
 from image_classifier.errors import UserError
 from image_classifier.images import load_array
 from image_classifier.models import load_model
 from image_classifier.predict import PredictOptions, run_predict
-from image_classifier.runs import load_run
-from image_classifier.train import TrainConfig, train
-
-
-@dataclass(frozen=True)
-class TrainedRun:
-    workspace: Workspace
-    images: Path
-    run: Path
-
-
-_runs: dict[str, TrainedRun] = {}
-"""Trained once per session however many test files ask (test_export.py uses these too)."""
-
-
-def cnn_run(tmp_path_factory) -> TrainedRun:
-    """A tiny cnn at 32 px on three generated categories; its test split has two images per class."""
-    if "cnn" not in _runs:
-        base = tmp_path_factory.mktemp("cnn-run")
-        images = make_image_folders(base / "images", {"red": 16, "blue": 16, "green": 16})
-        workspace = Workspace(base / "workspace")
-        config = TrainConfig(
-            categories=("red", "blue", "green"),
-            images_dir=images,
-            model="cnn",
-            image_size=32,
-            epochs=2,
-            workers=1,
-        )
-        _runs["cnn"] = TrainedRun(workspace, images, train(config, workspace, print_fn=lambda *_: None))
-    return _runs["cnn"]
-
-
-def animals_run(tmp_path_factory) -> TrainedRun:
-    """MobileNetV2 (the shared ImageNet weights) at 96 px on real photos of cats, dogs and horses."""
-    if "animals" not in _runs:
-        workspace = Workspace(tmp_path_factory.mktemp("animals-run") / "workspace")
-        config = TrainConfig(
-            categories=("cat", "dog", "horse"),
-            images_dir=ANIMALS,
-            model="mobilenet_v2",
-            image_size=96,
-            epochs=5,
-            workers=1,
-        )
-        _runs["animals"] = TrainedRun(workspace, ANIMALS, train(config, workspace, print_fn=lambda *_: None))
-    return _runs["animals"]
-
-
-@pytest.fixture(scope="session")
-def cnn(tmp_path_factory) -> TrainedRun:
-    return cnn_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def animals(tmp_path_factory, keras_home) -> TrainedRun:
-    return animals_run(tmp_path_factory)
+from image_classifier.runs import RunFolder
 
 
 def evaluation_rows(run: Path) -> list[dict]:
@@ -100,14 +44,14 @@ def predict(trained: TrainedRun, inputs, **options) -> tuple[list, str, str]:
 
 def model_probabilities(trained: TrainedRun, paths) -> np.ndarray:
     """What the Keras model says about files decoded the way training decoded them, computed here directly."""
-    run = load_run(trained.workspace, trained.run)
+    run = RunFolder.find(trained.workspace, trained.run)
     arrays = np.stack([load_array(Path(path), run.image_size, run.resize) for path in paths])
     return load_model(run.model_path).predict(arrays.astype(np.float32), verbose=0)
 
 
-def test_predictions_are_the_training_evaluation_numbers(cnn):
-    rows = evaluation_rows(cnn.run)
-    predictions, _, _ = predict(cnn, [cnn.images / row["path"] for row in rows], output="json")
+def test_predictions_are_the_training_evaluation_numbers(cnn_run):
+    rows = evaluation_rows(cnn_run.run)
+    predictions, _, _ = predict(cnn_run, [cnn_run.images / row["path"] for row in rows], output="json")
     assert len(predictions) == len(rows) == 6
     for prediction, row in zip(predictions, rows, strict=True):
         label, probability = prediction.top[0]
@@ -138,13 +82,13 @@ def make_messy_folder(root: Path) -> tuple[list[Path], dict[str, str]]:
     return good, bad
 
 
-def test_a_folder_with_bad_files_reports_each_and_predicts_the_rest(cnn, tmp_path):
+def test_a_folder_with_bad_files_reports_each_and_predicts_the_rest(cnn_run, tmp_path):
     good, bad = make_messy_folder(tmp_path / "photos")
     result = run_script(
         "predict.py",
         "photos",
         "--run",
-        str(cnn.run),
+        str(cnn_run.run),
         "--json",
         "--batch-size",
         "2",
@@ -158,7 +102,7 @@ def test_a_folder_with_bad_files_reports_each_and_predicts_the_rest(cnn, tmp_pat
     assert set(by_name) == {path.name for path in good} | set(bad)
     for name, reason in bad.items():
         assert reason in by_name[name]["error"]
-    expected = model_probabilities(cnn, good)
+    expected = model_probabilities(cnn_run, good)
     labels = document["labels"]
     for path, probabilities in zip(good, expected, strict=True):
         item = by_name[path.name]
@@ -170,13 +114,13 @@ def test_a_folder_with_bad_files_reports_each_and_predicts_the_rest(cnn, tmp_pat
     assert "Predicted 4 images" in result.stderr and "skipped 4 inputs" in result.stderr
 
 
-def test_table_csv_and_threshold(cnn, tmp_path):
+def test_table_csv_and_threshold(cnn_run, tmp_path):
     good, _ = make_messy_folder(tmp_path / "photos")
     inputs = [*good, tmp_path / "photos" / "a_notes.txt"]
-    first, _, _ = predict(cnn, inputs)
+    first, _, _ = predict(cnn_run, inputs)
     tops = sorted(prediction.top[0][1] for prediction in first if prediction.ok)
     threshold = (tops[1] + tops[2]) / 2
-    predictions, table, summary = predict(cnn, inputs, top_k=2, threshold=threshold)
+    predictions, table, summary = predict(cnn_run, inputs, top_k=2, threshold=threshold)
     lines = table.splitlines()
     assert lines[0].split() == ["image", "top", "1", "top", "2", "note"]
     uncertain = {p.source for p in predictions if p.ok and p.top[0][1] < threshold}
@@ -191,7 +135,7 @@ def test_table_csv_and_threshold(cnn, tmp_path):
             assert "skipped: not an image" in line
     assert "2 uncertain" in summary and "skipped 1 input " in summary
 
-    _, text, _ = predict(cnn, inputs, output="csv", threshold=threshold)
+    _, text, _ = predict(cnn_run, inputs, output="csv", threshold=threshold)
     rows = list(csv.DictReader(io.StringIO(text)))
     assert list(rows[0]) == [
         "input",
@@ -231,28 +175,28 @@ def local_server(tmp_path):
         server.server_close()
 
 
-def test_urls_are_downloaded_checked_and_predicted(cnn, local_server):
+def test_urls_are_downloaded_checked_and_predicted(cnn_run, local_server):
     site, base = local_server
     Image.fromarray(synthetic_photo(1, 7, size=(120, 90))).save(site / "photo.png")
     (site / "page.html").write_text("<html><body>not a photo</body></html>")
     urls = [f"{base}/photo.png", f"{base}/page.html", f"{base}/missing.jpg"]
-    predictions, _, _ = predict(cnn, urls, output="json")
+    predictions, _, _ = predict(cnn_run, urls, output="json")
     assert [p.source for p in predictions] == urls
     photo, page, missing = predictions
-    expected = model_probabilities(cnn, [site / "photo.png"])[0]
-    labels = load_run(cnn.workspace, cnn.run).labels
+    expected = model_probabilities(cnn_run, [site / "photo.png"])[0]
+    labels = RunFolder.find(cnn_run.workspace, cnn_run.run).labels
     assert photo.top[0][0] == labels[int(expected.argmax())]
     assert photo.top[0][1] == pytest.approx(float(expected.max()), abs=1e-6)
     assert page.error == "download failed: not an image (HTML page)"
     assert missing.error == "download failed: HTTP 404"
 
 
-def test_only_bad_inputs_are_listed_then_exit_2(cnn, tmp_path):
+def test_only_bad_inputs_are_listed_then_exit_2(cnn_run, tmp_path):
     folder = tmp_path / "junk"
     folder.mkdir()
     (folder / "notes.txt").write_text("hello")
     (folder / "empty.png").write_bytes(b"")
-    result = run_script("predict.py", "junk", "--run", str(cnn.run), cwd=tmp_path)
+    result = run_script("predict.py", "junk", "--run", str(cnn_run.run), cwd=tmp_path)
     assert result.returncode == 2
     assert "junk/empty.png  skipped: empty file (0 bytes)" in result.stdout
     assert "junk/notes.txt  skipped: not an image" in result.stdout
@@ -272,9 +216,9 @@ def test_only_bad_inputs_are_listed_then_exit_2(cnn, tmp_path):
         (["photo.jpg", "--json", "--csv"], "not allowed with argument"),
     ],
 )
-def test_bad_command_lines_end_in_one_line_and_exit_2(cnn, tmp_path, arguments, message):
+def test_bad_command_lines_end_in_one_line_and_exit_2(cnn_run, tmp_path, arguments, message):
     Image.fromarray(synthetic_photo(0, 0)).save(tmp_path / "photo.jpg")
-    arguments = [str(cnn.run) if argument == "RUN" else argument for argument in arguments]
+    arguments = [str(cnn_run.run) if argument == "RUN" else argument for argument in arguments]
     result = run_script("predict.py", *arguments, "--workspace", "empty-workspace", cwd=tmp_path)
     assert result.returncode == 2
     assert message in result.stderr
@@ -300,11 +244,11 @@ def upright_and_rotated(photo: Path, folder: Path) -> tuple[Path, Path]:
     return upright, rotated
 
 
-def test_real_photos_with_a_mobilenet_run(animals, tmp_path):
-    rows = evaluation_rows(animals.run)
+def test_real_photos_with_a_mobilenet_run(animals_run, tmp_path):
+    rows = evaluation_rows(animals_run.run)
     photos = [ANIMALS / row["path"] for row in rows]
     upright, rotated = upright_and_rotated(photos[0], tmp_path)
-    predictions, table, _ = predict(animals, [*photos, upright, rotated], top_k=2)
+    predictions, table, _ = predict(animals_run, [*photos, upright, rotated], top_k=2)
     held_out = predictions[: len(rows)]
     for prediction, row in zip(held_out, rows, strict=True):
         assert prediction.top[0][0] == row["predicted"]

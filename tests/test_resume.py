@@ -8,28 +8,26 @@ import os
 import pickle
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ANIMALS, ROOT, cosine_rates, logged_learning_rates, run_script
-from test_train import RUN_FILES
+from conftest import ANIMALS, cosine_rates, load_script, logged_learning_rates, run_script, script_command
+from training_runs import RUN_FILES
 
-from image_classifier.cli import given_options
 from image_classifier.config import Workspace
 from image_classifier.errors import UserError
-from image_classifier.resume import TrainingState, find_resumable, training_log_csv
+from image_classifier.runs import RunFolder
+from image_classifier.training.backup import TrainingState, training_log_csv
 
-SCRIPT = str(ROOT / "scripts" / "machine_learning.py")
 ANIMAL_OPTIONS = ["--images-dir", str(ANIMALS), "--categories", "cat,dog,horse", "--early-stopping", "0"]
 
 
 def start_training(workspace: Path, *args: str, log: Path) -> subprocess.Popen:
     handle = open(log, "w")  # noqa: SIM115 (closed by the process's end)
     return subprocess.Popen(
-        [sys.executable, SCRIPT, "--workspace", str(workspace), *args],
+        script_command("machine_learning.py", "--workspace", str(workspace), *args),
         stdout=handle,
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -129,7 +127,7 @@ def test_ctrl_c_in_fine_tuning_stops_after_saving_and_resumes(tmp_path):
     assert "Stopping after this epoch" in output
     (run,) = [path for path in (workspace / "runs").iterdir() if not path.is_symlink()]
     state = saved_state(workspace)
-    assert state["phase"] == 2 and state["fine_tune_start"] == 2 and state["has_optimizer"]
+    assert state["phase"] == "fine_tune" and state["fine_tune_start"] == 2 and state["has_optimizer"]
     stopped_after = state["epochs_done"]
     assert stopped_after in (3, 4)
     assert f"interrupted: stopped after epoch {stopped_after}, which is saved; continue with: " in output
@@ -187,7 +185,7 @@ def test_resume_refuses_other_options_and_finished_runs(tmp_path):
 def test_latest_is_the_newest_unfinished_run(tmp_path):
     workspace = Workspace(tmp_path / "ws")
     with pytest.raises(UserError, match="no unfinished run"):
-        find_resumable(workspace, "latest")
+        RunFolder.find_resumable(workspace, "latest")
     for name, finished in (
         ("20260101-000000-cnn", False),
         ("20260102-000000-cnn", False),
@@ -198,8 +196,8 @@ def test_latest_is_the_newest_unfinished_run(tmp_path):
         (run / "config.json").write_text("{}")
         if finished:
             (run / "metrics.json").write_text("{}")
-    assert find_resumable(workspace, "latest").name == "20260102-000000-cnn"
-    assert find_resumable(workspace, "20260101-000000-cnn").name == "20260101-000000-cnn"
+    assert RunFolder.find_resumable(workspace, "latest").name == "20260102-000000-cnn"
+    assert RunFolder.find_resumable(workspace, "20260101-000000-cnn").name == "20260101-000000-cnn"
 
 
 def test_history_pads_metrics_that_appear_later():
@@ -217,14 +215,7 @@ def test_history_pads_metrics_that_appear_later():
 
 
 def test_given_options_are_only_those_typed():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import machine_learning
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    parser = machine_learning.build_parser()
-    given = given_options(
-        parser, ["--resume", "latest", "--epochs", "4", "--augment", "--dense-units", "8,4"]
-    )
+    parser = load_script("machine_learning.py").build_parser()
+    given = vars(parser.parse_args(["--resume", "latest", "--epochs", "4", "--augment", "--dense-units", "8,4"]))
+    given.pop("workspace")
     assert given == {"resume": "latest", "epochs": 4, "augment": True, "dense_units": [8, 4]}
-    assert parser.parse_args([]).batch_size == 32, "the parser's defaults must be put back"

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
-from training_runs import trained_runs
 
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM_ARGS = [
@@ -35,11 +34,6 @@ RENDER_TIMEOUT_MS = 60_000
 pytestmark = pytest.mark.skipif(
     os.environ.get("SKIP_BROWSER_TESTS") == "1", reason="SKIP_BROWSER_TESTS=1: no browser on this machine"
 )
-
-
-@pytest.fixture(scope="session")
-def runs(tmp_path_factory):
-    return trained_runs(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -62,12 +56,12 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def tensorboard(runs, tmp_path):
+def tensorboard(trained_runs, tmp_path):
     """A TensorBoard on 127.0.0.1 over the runs folder, as `docker compose up tensorboard` serves it."""
     port = free_port()
     log = open(tmp_path / "tensorboard.log", "w+")  # noqa: SIM115  (closed below, after the process)
     process = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(runs.workspace.runs)]
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(trained_runs.workspace.runs)]
         + ["--host", "127.0.0.1", "--port", str(port)],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -114,10 +108,12 @@ def wait_for_texts(page, texts: list[str], name: str, capsys) -> None:
             pytest.fail(f"{text!r} never appeared on the {name} page (see {shot}): {error}", pytrace=False)
 
 
-def test_tensorboard_shows_the_runs_their_scalars_hparams_and_images(chromium, runs, tensorboard, capsys):
+def test_tensorboard_shows_the_runs_their_scalars_hparams_and_images(
+    chromium, trained_runs, tensorboard, capsys
+):
     from playwright.sync_api import sync_playwright
 
-    transfer, cnn = runs.transfer.name, runs.cnn.name
+    transfer, cnn = trained_runs.transfer.name, trained_runs.cnn.name
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:

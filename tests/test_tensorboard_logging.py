@@ -13,14 +13,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.util import tensor_util
-from training_runs import trained_runs
 
 from image_classifier.tensorboard_logging import hparams_of
-
-
-@pytest.fixture(scope="session")
-def runs(tmp_path_factory):
-    return trained_runs(tmp_path_factory)
 
 
 def read_events(folder: Path) -> dict[str, dict[int, object]]:
@@ -37,12 +31,12 @@ def scalar(value) -> float:
     return float(tensor_util.make_ndarray(value.tensor))
 
 
-def test_keras_logs_loss_accuracy_and_learning_rate_per_epoch_for_both_phases(runs):
+def test_keras_logs_loss_accuracy_and_learning_rate_per_epoch_for_both_phases(trained_runs):
     """Keras's own TensorBoard callback covers the per-epoch scalars, learning rate included."""
-    config = json.loads((runs.transfer / "config.json").read_text())["options"]
-    history = json.loads((runs.transfer / "history.json").read_text())
-    train = read_events(runs.transfer / "logs" / "train")
-    validation = read_events(runs.transfer / "logs" / "validation")
+    config = json.loads((trained_runs.transfer / "config.json").read_text())["options"]
+    history = json.loads((trained_runs.transfer / "history.json").read_text())
+    train = read_events(trained_runs.transfer / "logs" / "train")
+    validation = read_events(trained_runs.transfer / "logs" / "validation")
 
     for tag, key in (("epoch_loss", "loss"), ("epoch_accuracy", "accuracy")):
         assert sorted(train[tag]) == sorted(validation[tag]) == [0, 1, 2]
@@ -53,20 +47,22 @@ def test_keras_logs_loss_accuracy_and_learning_rate_per_epoch_for_both_phases(ru
     # backbones keep a constant rate by default (a tenth of it for fine-tuning); cnn follows a cosine
     assert config["lr_schedule"] == "constant"
     expected = [config["learning_rate"]] * 2 + [config["fine_tune_learning_rate"]]
-    np.testing.assert_allclose(logged_learning_rates(runs.transfer), expected, rtol=1e-6)
-    np.testing.assert_allclose(logged_learning_rates(runs.cnn), cosine_rates(0.001, 3), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(logged_learning_rates(trained_runs.transfer), expected, rtol=1e-6)
+    np.testing.assert_allclose(
+        logged_learning_rates(trained_runs.cnn), cosine_rates(0.001, 3), rtol=1e-6, atol=1e-9
+    )
 
 
-def test_options_are_logged_as_hyperparameters(runs):
-    options = json.loads((runs.cnn_faster / "config.json").read_text())["options"]
-    events = read_events(runs.cnn_faster / "logs")
+def test_options_are_logged_as_hyperparameters(trained_runs):
+    options = json.loads((trained_runs.cnn_faster / "config.json").read_text())["options"]
+    events = read_events(trained_runs.cnn_faster / "logs")
     value = events[hparams_metadata.SESSION_START_INFO_TAG][0]
     assert value.metadata.plugin_data.plugin_name == hparams_metadata.PLUGIN_NAME
 
     info = hparams_metadata.parse_session_start_info_plugin_data(value.metadata.plugin_data.content)
 
     assert set(info.hparams) == set(options) - {"workers"}
-    assert info.group_name == runs.cnn_faster.name
+    assert info.group_name == trained_runs.cnn_faster.name
     assert info.hparams["learning_rate"].number_value == pytest.approx(0.003)
     assert info.hparams["model"].string_value == "cnn"
     assert info.hparams["augment"].bool_value is False
@@ -74,10 +70,10 @@ def test_options_are_logged_as_hyperparameters(runs):
     assert info.hparams["dense_units"].string_value == "512"
 
 
-def test_test_scores_and_misclassified_images_are_logged_at_the_kept_epoch(runs):
-    metrics = json.loads((runs.cnn / "metrics.json").read_text())
+def test_test_scores_and_misclassified_images_are_logged_at_the_kept_epoch(trained_runs):
+    metrics = json.loads((trained_runs.cnn / "metrics.json").read_text())
     best = metrics["training"]["best_epoch"]
-    test = read_events(runs.cnn / "logs" / "test")
+    test = read_events(trained_runs.cnn / "logs" / "test")
 
     assert scalar(test["epoch_accuracy"][best]) == pytest.approx(metrics["test_accuracy"])
     assert scalar(test["epoch_loss"][best]) == pytest.approx(metrics["test_loss"], rel=1e-5)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.metadata as metadata
 import json
 import pickle
+import platform
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,26 +21,11 @@ from conftest import (
     run_script,
     tree_digest,
 )
+from training_runs import RUN_FILES, quiet
 
 from image_classifier.config import Workspace
-from image_classifier.train import TrainConfig, train
-
-RUN_FILES = {
-    "model.keras",
-    "labels.json",
-    "config.json",
-    "history.pickle",
-    "history.json",
-    "metrics.json",
-    "confusion_matrix.png",
-    "training_log.csv",
-    "test_predictions.csv",
-    "logs",
-}
-
-
-def quiet(*_args) -> None:
-    pass
+from image_classifier.training.config import TrainConfig
+from image_classifier.training.loop import train
 
 
 @pytest.fixture
@@ -70,7 +58,19 @@ def test_cnn_run_folder_is_complete_and_readable(images, tmp_path):
     config_json = json.loads((run / "config.json").read_text())
     assert config_json["options"]["image_size"] == 32 and config_json["options"]["model"] == "cnn"
     assert config_json["options"]["weights"] == "none" and config_json["options"]["dropout"] == 0.5
-    assert {"tensorflow", "keras", "numpy", "python"} <= set(config_json["versions"]) | {"tensorflow"}
+    versions = config_json["versions"]
+    assert versions["python"] == platform.python_version()
+    for package in ("keras", "numpy"):
+        assert versions[package] == metadata.version(package)
+    # TensorFlow is installed as tensorflow or (Linux x86_64 wheels) tensorflow-cpu: whichever is, is recorded
+    for package in ("tensorflow", "tensorflow-cpu"):
+        try:
+            installed = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            installed = None
+        assert versions.get(package) == installed, package
+    tensorflow = sys.modules["tensorflow"]  # imported by the training above
+    assert tensorflow.__version__ in {versions.get("tensorflow"), versions.get("tensorflow-cpu")}
     assert len(config_json["data"]["fingerprint"]) == 64
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test_count"] == 6 and set(metrics["per_class"]) == {"red", "blue", "green"}
