@@ -116,9 +116,7 @@ def test_misclassified_images_are_what_the_model_saw_most_confident_first(traine
         f"true: {mistakes[0].true}\npredicted: {mistakes[0].predicted} ({mistakes[0].confidence:.0%})"
     )
     np.testing.assert_array_equal(shown[0].get_images()[0].get_array(), mistakes[0].image)
-    assert figure.get_suptitle().startswith(
-        f"{total} of {record.metrics['test_count']} test images misclassified"
-    )
+    assert f"\n{total} of {record.metrics['test_count']} test images misclassified" in figure.get_suptitle()
     assert ("the 1 most confident shown" in figure.get_suptitle()) == (total > 1)
 
 
