@@ -97,65 +97,6 @@ positive_float = _number(float, lambda value: value > 0, "a number above 0")
 probability_arg = _number(float, lambda value: 0 <= value < 1, "a number from 0 up to (not including) 1")
 
 
-def add_data_arguments(
-    parser,
-    image_size_default: int | None = None,
-    image_size_help: str = "side in pixels",
-    categories_required: bool = True,
-) -> None:
-    """The options that decide the arrays, shared by preprocessing and training so they never disagree."""
-    from .images import RESIZE_MODES
-    from .preprocess import DEFAULT_RESIZE, DEFAULT_SPLIT
-
-    parser.add_argument(
-        "--categories",
-        type=categories_type(minimum=2),
-        required=categories_required,
-        help="2 or more, like cat,dog,horse",
-    )
-    parser.add_argument(
-        "--images-dir",
-        type=Path,
-        help="one subfolder of photos per category; with train/, validation/ and test/ subfolders those splits "
-        "are used as given (default: WORKSPACE/images)",
-    )
-    parser.add_argument("--image-size", type=positive_int, default=image_size_default, help=image_size_help)
-    parser.add_argument(
-        "--resize",
-        choices=RESIZE_MODES,
-        default=DEFAULT_RESIZE,
-        help="fit photos to a square: centre crop, squash (stretch), or pad with black",
-    )
-    parser.add_argument(
-        "--split",
-        type=fractions_arg,
-        default=DEFAULT_SPLIT,
-        metavar="TRAIN,VAL,TEST",
-        help="shares for train, validation and test, stratified per category (default: 0.8,0.1,0.1)",
-    )
-    parser.add_argument(
-        "--dedupe",
-        choices=("exact", "near"),
-        default="exact",
-        help="identical files are always kept once; 'near' also drops look-alikes",
-    )
-    parser.add_argument(
-        "--workers", type=non_negative_int, default=0, help="processes decoding images (0: one per CPU core)"
-    )
-
-
-def given_options(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> dict:
-    """Only the options typed on the command line, not their defaults, by destination name."""
-    defaults = {action: action.default for action in parser._actions}
-    try:
-        for action in defaults:
-            action.default = argparse.SUPPRESS
-        return vars(parser.parse_args(argv))
-    finally:
-        for action, default in defaults.items():
-            action.default = default
-
-
 def workspace_of(args: argparse.Namespace) -> Workspace:
     return Workspace(Path(args.workspace))
 

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import io
-from pathlib import Path
-
 import numpy as np
-
-from .atomic import write_atomic
+from matplotlib.figure import Figure
 
 
 def compute_metrics(probabilities: np.ndarray, truth: np.ndarray, labels: list[str]) -> dict:
@@ -64,17 +60,13 @@ def format_report(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_confusion_matrix(metrics: dict, path: Path) -> None:
-    """A labelled confusion matrix as PNG: counts in each cell, rows the true class."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def confusion_matrix_figure(metrics: dict) -> Figure:
+    """A labelled confusion matrix: counts in each cell, rows the true class."""
     matrix = np.array(metrics["confusion_matrix"]["matrix"])
     labels = metrics["confusion_matrix"]["labels"]
     size = max(4.0, 0.6 * len(labels) + 2.5)
-    figure, axes = plt.subplots(figsize=(size + 1, size))
+    figure = Figure(figsize=(size + 1, size), layout="tight")
+    axes = figure.subplots()
     image = axes.imshow(matrix, cmap="Blues")
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
     axes.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
@@ -88,8 +80,4 @@ def plot_confusion_matrix(metrics: dict, path: Path) -> None:
         axes.text(
             column, row, str(count), ha="center", va="center", color="white" if count > threshold else "black"
         )
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    write_atomic(path, buffer.getvalue())
+    return figure

@@ -31,7 +31,7 @@ import numpy as np
 from .atomic import write_json
 from .config import Workspace
 from .errors import UserError
-from .runs import TrainedRun, load_run
+from .runs import RunFolder
 
 FORMATS = ("savedmodel", "tflite", "onnx")
 QUANTIZATIONS = ("none", "float16", "int8")
@@ -133,7 +133,7 @@ def compare(
     )
 
 
-def input_contract(options: ExportOptions, run: TrainedRun) -> dict:
+def input_contract(options: ExportOptions, run: RunFolder) -> dict:
     """The input and output of an exported model, as written to export.json and printed."""
     classes = len(run.labels)
     if options.format == "savedmodel":
@@ -190,30 +190,24 @@ def _size(path: Path) -> int:
     return path.stat().st_size
 
 
-def _megabytes(count: int) -> str:
+def _megabytes_text(count: int) -> str:
     return f"{count / 1e6:.1f} MB"
 
 
-def _test_images(run: TrainedRun) -> tuple[np.ndarray, str]:
+def _test_images(run: RunFolder) -> tuple[np.ndarray, str]:
     """The run's test images as prepared for training (validation if a given test split is empty)."""
-    from .dataset import load_dataset
-
-    if not run.dataset:
-        raise UserError(f"{run.path}/config.json names no prepared dataset; cannot check the export")
-    stored = Path(run.dataset)
-    candidates = [stored, run.path.parent.parent / "datasets" / stored.name]
-    folder = next((path for path in candidates if (path / "dataset.json").is_file()), None)
-    if folder is None:
+    try:
+        dataset = run.dataset(unchanged=False)
+    except UserError as error:
         raise UserError(
-            f"the run's prepared dataset is gone (looked in {' and '.join(map(str, candidates))}); the export "
-            "is checked on its test images: run scripts/preprocess.py with the run's options again"
-        )
-    dataset = load_dataset(folder)
+            f"{error}; the export is checked on its test images: run scripts/preprocess.py with the run's "
+            "options again"
+        ) from None
     for split in ("test", "validation"):
         images, _ = dataset.arrays(split)
         if len(images):
             return images, split
-    raise UserError(f"the prepared dataset {folder} has no test or validation images to check the export on")
+    raise UserError(f"the prepared dataset {dataset.path} has no test or validation images to check the export on")
 
 
 def _keras_probabilities(model, images: np.ndarray) -> np.ndarray:
@@ -263,7 +257,7 @@ def _write_savedmodel(model, destination: Path, image_size: int | None = None) -
     )
 
 
-def _write_tflite(model, run: TrainedRun, quantize: str, destination: Path, scratch: Path) -> None:
+def _write_tflite(model, run: RunFolder, quantize: str, destination: Path, scratch: Path) -> None:
     import tensorflow as tf
 
     source = scratch / "tflite-source"
@@ -276,7 +270,7 @@ def _write_tflite(model, run: TrainedRun, quantize: str, destination: Path, scra
     destination.write_bytes(converter.convert())
 
 
-def _write_onnx(model, run: TrainedRun, destination: Path) -> None:
+def _write_onnx(model, run: RunFolder, destination: Path) -> None:
     import tf2onnx
 
     _, serve, signature = _serving_function(model, run.image_size)
@@ -359,7 +353,7 @@ class ExportResult:
 def export_run(options: ExportOptions, workspace: Workspace, print_fn=print) -> ExportResult:
     """The export stage: write, check, then install <run>/export/<artifact> and its export.json entry."""
     options.validate()
-    run = load_run(workspace, options.run)
+    run = RunFolder.find(workspace, options.run)
     images, split = _test_images(run)
     folder = run.path / EXPORT_DIR
     try:
@@ -413,7 +407,7 @@ def export_run(options: ExportOptions, workspace: Workspace, print_fn=print) -> 
         write_json(index_path, index)
     keras_size = run.model_path.stat().st_size
     print_fn(
-        f"Saved {final} ({_megabytes(size)}; model.keras is {_megabytes(keras_size)}) in "
+        f"Saved {final} ({_megabytes_text(size)}; model.keras is {_megabytes_text(keras_size)}) in "
         f"{time.monotonic() - started:.0f}s"
     )
     print_fn(f"Contract: {_describe_contract(contract)}")

@@ -41,6 +41,10 @@ class ModelSpec:
     def pretrained(self) -> bool:
         return self.family == "backbone"
 
+    @property
+    def default_weights(self) -> str:
+        return "imagenet" if self.pretrained else "none"
+
 
 BATCH_NORM_MOMENTUM = 0.9
 """Keras's 0.99 averages the batch statistics over about 100 steps, longer than the weights of a small

@@ -29,7 +29,7 @@ from .config import Workspace
 from .errors import UserError
 from .gathering.download import Cancelled, FetchError, FetchPolicy, HttpClient
 from .images import ImageError, list_image_files, load_array
-from .runs import TrainedRun, load_run
+from .runs import RunFolder
 
 OUTPUTS = ("table", "json", "csv")
 DEFAULT_TOP_K = 3
@@ -40,7 +40,7 @@ URL_PREFIXES = ("http://", "https://")
 
 
 @dataclass(frozen=True)
-class Source:
+class PredictInput:
     """One thing to predict: a file, or a URL to download first. `name` is how the user wrote it."""
 
     name: str
@@ -61,24 +61,24 @@ class Prediction:
         return self.error is None
 
 
-def collect_sources(arguments: Sequence[str]) -> list[Source]:
+def collect_sources(arguments: Sequence[str]) -> list[PredictInput]:
     """Files as given, folders expanded to their files (recursively), URLs kept for later download.
 
     A path that does not exist is a mistake in the command, not a bad image: it stops before any work.
     """
-    sources: list[Source] = []
+    sources: list[PredictInput] = []
     for argument in arguments:
         if argument.lower().startswith(URL_PREFIXES):
-            sources.append(Source(name=argument, url=argument))
+            sources.append(PredictInput(name=argument, url=argument))
             continue
         path = Path(argument)
         if path.is_dir():
             files = list_image_files(path)
             if not files:
                 raise UserError(f"folder {path} has no files to predict")
-            sources.extend(Source(name=str(file), path=file) for file in files)
+            sources.extend(PredictInput(name=str(file), path=file) for file in files)
         elif path.exists():
-            sources.append(Source(name=argument, path=path))
+            sources.append(PredictInput(name=argument, path=path))
         else:
             raise UserError(f"no such file or folder: {argument}")
     if not sources:
@@ -89,7 +89,7 @@ def collect_sources(arguments: Sequence[str]) -> list[Source]:
 class Predictor:
     """A run's model, loaded on first use: inputs that are all unreadable never wait for TensorFlow."""
 
-    def __init__(self, run: TrainedRun) -> None:
+    def __init__(self, run: RunFolder) -> None:
         self.run = run
         self._model = None
 
@@ -112,7 +112,7 @@ class Predictor:
         """uint8 images, N x size x size x 3 (as load_array makes them) -> N x classes."""
         return np.asarray(self.model.predict_on_batch(images.astype(np.float32)))
 
-    def read(self, source: Source, client: HttpClient, downloads: Path) -> np.ndarray | str:
+    def read(self, source: PredictInput, client: HttpClient, downloads: Path) -> np.ndarray | str:
         """The image as the model's input array, or the reason it cannot be used."""
         path = source.path
         try:
@@ -133,14 +133,14 @@ class Predictor:
                 path.unlink(missing_ok=True)
 
 
-def _batches(items: list[Source], size: int) -> Iterator[list[Source]]:
+def _batches(items: list[PredictInput], size: int) -> Iterator[list[PredictInput]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
 
 def predict_sources(
     predictor: Predictor,
-    sources: list[Source],
+    sources: list[PredictInput],
     *,
     top_k: int = DEFAULT_TOP_K,
     threshold: float = 0.0,
@@ -167,9 +167,9 @@ def predict_sources(
         tempfile.TemporaryDirectory(prefix="predict-") as downloads,
         ThreadPoolExecutor(READ_THREADS) as pool,
     ):
-        pending: deque[list[tuple[Source, Future]]] = deque()
+        pending: deque[list[tuple[PredictInput, Future]]] = deque()
 
-        def submit(batch: list[Source]) -> None:
+        def submit(batch: list[PredictInput]) -> None:
             pending.append(
                 [(source, pool.submit(predictor.read, source, client, Path(downloads))) for source in batch]
             )
@@ -193,7 +193,7 @@ def predict_sources(
 
 
 def _predict_batch(
-    predictor: Predictor, batch: list[tuple[Source, Future]], top_k: int, threshold: float, bar
+    predictor: Predictor, batch: list[tuple[PredictInput, Future]], top_k: int, threshold: float, bar
 ) -> list[Prediction]:
     read = [(source, future.result()) for source, future in batch]
     good = [array for _, array in read if isinstance(array, np.ndarray)]
@@ -240,7 +240,7 @@ def format_table(predictions: Sequence[Prediction], top_k: int) -> str:
     return "\n".join(lines)
 
 
-def format_json(predictions: Sequence[Prediction], run: TrainedRun, threshold: float) -> str:
+def format_json(predictions: Sequence[Prediction], run: RunFolder, threshold: float) -> str:
     items = []
     for prediction in predictions:
         if not prediction.ok:
@@ -308,7 +308,7 @@ def run_predict(
     err = err or sys.stderr
     if options.output not in OUTPUTS:
         raise UserError(f"unknown output {options.output!r}; choose from {', '.join(OUTPUTS)}")
-    run = load_run(workspace, options.run)
+    run = RunFolder.find(workspace, options.run)
     sources = collect_sources(options.inputs)
     predictor = Predictor(run)
     predictions = predict_sources(

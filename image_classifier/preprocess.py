@@ -19,16 +19,18 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 
+from . import cli
 from .config import Workspace
 from .dataset import FORMAT_VERSION, Dataset, load_dataset
 from .errors import UserError
 from .images import RESIZE_MODES, ImageError, list_image_files, load_array, perceptual_hash
+from .options import Declaration, declared
 from .splits import MIN_IMAGES_PER_CLASS, SPLITS, SplitItem, assign_splits
 
 DEFAULT_IMAGE_SIZE = 224
@@ -56,16 +58,47 @@ DATASET_MANIFEST_FIELDS = [
 """Columns of the dataset's manifest.csv: one row per source file and what became of it."""
 
 
+CATEGORIES = Declaration("2 or more, like cat,dog,horse", group="data", type=cli.categories_type(minimum=2))
+IMAGES_DIR = Declaration(
+    "one subfolder of photos per category; with train/, validation/ and test/ subfolders those splits are "
+    "used as given",
+    group="data",
+    type=Path,
+    default_text="WORKSPACE/images",
+)
+IMAGE_SIZE = Declaration("side in pixels", group="data", type=cli.positive_int)
+RESIZE = Declaration(
+    "fit photos to a square: centre crop, squash (stretch), or pad with black",
+    group="data",
+    choices=RESIZE_MODES,
+)
+SPLIT = Declaration(
+    "shares for train, validation and test, stratified per category",
+    group="data",
+    type=cli.fractions_arg,
+    metavar="TRAIN,VAL,TEST",
+)
+DEDUPE = Declaration(
+    "identical files are always kept once; 'near' also drops look-alikes",
+    group="data",
+    choices=("exact", "near"),
+)
+WORKERS = Declaration(
+    "processes decoding images", group="data", type=cli.non_negative_int, default_text="0, one per CPU core"
+)
+"""The options that decide the arrays, declared once: preprocessing and training share them."""
+
+
 @dataclass(frozen=True)
 class PreprocessOptions:
-    categories: tuple[str, ...]
-    images_dir: Path
-    image_size: int = DEFAULT_IMAGE_SIZE
-    resize: str = DEFAULT_RESIZE
-    split: tuple[float, float, float] = DEFAULT_SPLIT
-    seed: int = 0
-    dedupe: str = "exact"
-    workers: int = field(default=0, compare=False)
+    categories: tuple[str, ...] = declared(CATEGORIES)
+    images_dir: Path = declared(IMAGES_DIR)
+    image_size: int = declared(IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
+    resize: str = declared(RESIZE, DEFAULT_RESIZE)
+    split: tuple[float, float, float] = declared(SPLIT, DEFAULT_SPLIT)
+    seed: int = declared(Declaration("for the split", group="data", type=int), 0)
+    dedupe: str = declared(DEDUPE, "exact")
+    workers: int = declared(WORKERS, 0, compare=False)
     """0 means one per CPU core; does not change the result."""
 
     def identity(self) -> dict:

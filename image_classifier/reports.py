@@ -13,7 +13,6 @@ import io
 import json
 import math
 import os
-import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from matplotlib.ticker import MaxNLocator, PercentFormatter
 from .atomic import write_atomic
 from .config import Workspace, default_workspace
 from .errors import UserError
-from .runs import resolve_run
+from .runs import RunFolder
 
 TRAINING_COLOUR = "tab:blue"
 VALIDATION_COLOUR = "tab:orange"
@@ -50,53 +49,6 @@ LABEL_PRIORITY = (
     "fine_tune_layers",
 )
 """Which differing options a comparison legend names first: the ones people vary most on purpose."""
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    """What the pictures need from one run folder (history.pickle, config.json, metrics.json)."""
-
-    path: Path
-    history: dict[str, list[float]]
-    config: dict
-    metrics: dict
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    @property
-    def options(self) -> dict:
-        return self.config.get("options", {})
-
-    @property
-    def epochs(self) -> int:
-        return len(self.history.get("loss", []))
-
-    @property
-    def best_epoch(self) -> int | None:
-        """0-based epoch whose weights were kept; from metrics.json, else the lowest validation loss."""
-        training = self.metrics.get("training") or {}
-        if training.get("best_epoch") is not None:
-            return int(training["best_epoch"])
-        values = np.asarray(self.history.get("val_loss", []), dtype=float)
-        if not np.isfinite(values).any():
-            return None
-        return int(np.nanargmin(values))
-
-    @property
-    def fine_tune_start(self) -> int | None:
-        """0-based index of the first fine-tuning epoch, None when the run had one phase."""
-        start = (self.metrics.get("training") or {}).get("fine_tune_start_epoch")
-        return None if start is None else int(start)
-
-    @property
-    def title(self) -> str:
-        model = (self.config.get("model") or {}).get("name") or self.options.get("model", "")
-        text = f"{self.name} ({model})" if model and model not in self.name else self.name
-        if "test_accuracy" in self.metrics:
-            text += f": test accuracy {self.metrics['test_accuracy']:.1%}"
-        return text
 
 
 @dataclass(frozen=True)
@@ -126,48 +78,7 @@ def find_workspace(start: Path | None = None) -> Workspace:
     return Workspace(default_workspace())
 
 
-def list_runs(workspace: Workspace) -> list[str]:
-    """Names of the finished runs, oldest first (the names start with their timestamp)."""
-    if not workspace.runs.is_dir():
-        return []
-    return sorted(
-        path.name
-        for path in workspace.runs.iterdir()
-        if not path.is_symlink()
-        and (path / "metrics.json").is_file()  # written last: an unfinished run has none
-    )
-
-
-def load_run(workspace: Workspace, name: str | Path = "latest") -> RunRecord:
-    """`latest`, a run folder name or a path -> its history and results, or a UserError saying what is missing."""
-    return read_run(resolve_run(workspace, name))
-
-
-def read_run(path: Path) -> RunRecord:
-    """A run folder's history and results."""
-    if (path / "history.pickle").is_file():
-        with open(path / "history.pickle", "rb") as handle:
-            history = pickle.load(handle)
-    elif (path / "history.json").is_file():
-        history = json.loads((path / "history.json").read_text(encoding="utf-8"))
-    else:
-        raise UserError(f"{path} has no history.pickle: the run did not finish training")
-    return RunRecord(
-        path=path,
-        history={key: [float(value) for value in values] for key, values in history.items()},
-        config=_read_json(path / "config.json"),
-        metrics=_read_json(path / "metrics.json"),
-    )
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-
-
-def plot_history(run: RunRecord) -> Figure:
+def plot_history(run: RunFolder) -> Figure:
     """Accuracy and loss per epoch for training and validation, the kept epoch and phase 2 marked."""
     panels = [key for key in ("accuracy", "loss", "learning_rate") if key in run.history]
     figure = Figure(figsize=(5.4 * len(panels), 4.4), layout="constrained")
@@ -191,7 +102,7 @@ def plot_history(run: RunRecord) -> Figure:
     return figure
 
 
-def plot_comparison(runs: Sequence[RunRecord]) -> Figure:
+def plot_comparison(runs: Sequence[RunFolder]) -> Figure:
     """Several runs' curves on shared axes: one colour per run, solid validation, dashed training."""
     if not runs:
         raise ValueError("no runs to compare")
@@ -228,7 +139,7 @@ def plot_comparison(runs: Sequence[RunRecord]) -> Figure:
     return figure
 
 
-def comparison_labels(runs: Sequence[RunRecord]) -> list[str]:
+def comparison_labels(runs: Sequence[RunFolder]) -> list[str]:
     """Each run's name plus the options in which the runs differ, so the legend says what changed."""
     keys = sorted({key for run in runs for key in run.options} - UNCOMPARED_OPTIONS, key=_label_order)
     differing = [key for key in keys if len({json.dumps(run.options.get(key)) for run in runs}) > 1]
@@ -276,7 +187,7 @@ def _style_axes(ax, key: str) -> None:
         ax.set_yscale("log")
 
 
-def misclassified(run: RunRecord, limit: int | None = 24) -> tuple[list[Mistake], int]:
+def misclassified(run: RunFolder, limit: int | None = 24) -> tuple[list[Mistake], int]:
     """The test images the model got wrong, most confident first, and how many there are in all.
 
     Images come from the prepared test arrays (what the model saw); when that dataset is gone or was
@@ -304,30 +215,14 @@ def misclassified(run: RunRecord, limit: int | None = 24) -> tuple[list[Mistake]
     return mistakes, len(wrong)
 
 
-def _workspace_of(run: RunRecord) -> Path:
-    return run.path.parent.parent
-
-
-def _test_images(run: RunRecord) -> np.ndarray | None:
-    from .dataset import load_dataset
-
-    data = run.config.get("data") or {}
-    if not data.get("dataset"):
+def _test_images(run: RunFolder) -> np.ndarray | None:
+    try:
+        return run.dataset().arrays("test")[0]
+    except UserError:
         return None
-    stored = Path(data["dataset"])
-    # The stored path may be relative to another working folder or a container's /workspace.
-    for candidate in (stored, _workspace_of(run) / "datasets" / stored.name):
-        if (candidate / "dataset.json").is_file():
-            try:
-                dataset = load_dataset(candidate)
-            except UserError:
-                continue
-            if dataset.fingerprint == data.get("fingerprint"):
-                return dataset.arrays("test")[0]
-    return None
 
 
-def _image_of(run: RunRecord, images: np.ndarray | None, index: int, source: str) -> np.ndarray | None:
+def _image_of(run: RunFolder, images: np.ndarray | None, index: int, source: str) -> np.ndarray | None:
     if images is not None and index < len(images):
         return np.asarray(images[index])
     if not source:
@@ -335,17 +230,15 @@ def _image_of(run: RunRecord, images: np.ndarray | None, index: int, source: str
     from .images import ImageError, load_array
 
     stored = Path(run.options.get("images_dir", ""))
-    for folder in (stored, _workspace_of(run) / "images"):
+    for folder in (stored, run.workspace.images):
         try:
-            return load_array(
-                folder / source, int(run.options["image_size"]), run.options.get("resize", "crop")
-            )
+            return load_array(folder / source, run.image_size, run.resize)
         except (ImageError, OSError, KeyError, ValueError):
             continue
     return None
 
 
-def plot_misclassified(run: RunRecord, limit: int = 24, max_columns: int = 6) -> Figure | None:
+def plot_misclassified(run: RunFolder, limit: int = 24, max_columns: int = 6) -> Figure | None:
     """A grid of wrongly classified test images titled with true and predicted class; None if there are none."""
     mistakes, total = misclassified(run, limit)
     if not mistakes:
@@ -389,10 +282,10 @@ def save_figure(figure: Figure, path: Path, dpi: int = 100) -> Path:
 
 def plot_runs(workspace: Workspace, names: Sequence[str | Path], output: Path | None = None) -> list[Path]:
     """history.png into each run folder; for several runs also their overlay (default WORKSPACE/comparisons/)."""
-    runs: list[RunRecord] = []
+    runs: list[RunFolder] = []
     for name in names:
-        run = load_run(workspace, name)
-        if all(run.path != other.path for other in runs):
+        run = RunFolder.find(workspace, name)
+        if run not in runs:
             runs.append(run)
     written = [_save(plot_history(run), run.path / "history.png") for run in runs]
     if len(runs) > 1:

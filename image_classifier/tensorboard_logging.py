@@ -12,9 +12,9 @@ logs/test/       the test loss and accuracy of the kept model, at its epoch, on 
 from __future__ import annotations
 
 from datetime import datetime
-from pathlib import Path
 
-from .reports import UNCOMPARED_OPTIONS, figure_png, plot_misclassified, read_run
+from .reports import UNCOMPARED_OPTIONS, figure_png, plot_misclassified
+from .runs import RunFolder
 
 
 def hparams_of(options: dict) -> dict[str, bool | int | float | str]:
@@ -34,7 +34,7 @@ def hparams_of(options: dict) -> dict[str, bool | int | float | str]:
     return values
 
 
-def log_run_summaries(run_folder: Path) -> None:
+def log_run_summaries(run: RunFolder) -> None:
     """Write the hyperparameters, test scores and misclassified images of a finished, evaluated run."""
     from tensorboard.plugins.hparams import api as hp
 
@@ -43,8 +43,7 @@ def log_run_summaries(run_folder: Path) -> None:
     import_keras()
     import tensorflow as tf
 
-    run = read_run(run_folder)
-    logs = run.path / "logs"
+    logs = run.logs
     created = run.config.get("created")
     started = _timestamp(created) if created else None
     writer = tf.summary.create_file_writer(str(logs))

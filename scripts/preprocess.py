@@ -11,26 +11,20 @@ import sys
 from collections.abc import Sequence
 
 from image_classifier import cli
-from image_classifier.preprocess import DEFAULT_IMAGE_SIZE, PreprocessOptions, prepare_dataset
+from image_classifier.options import add_options, coerce
+from image_classifier.preprocess import PreprocessOptions, prepare_dataset
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = cli.make_parser(__doc__.strip().splitlines()[0])
-    cli.add_data_arguments(parser, image_size_default=DEFAULT_IMAGE_SIZE)
-    parser.add_argument("--seed", type=int, default=0, help="for the split")
+    add_options(parser, PreprocessOptions)
     args = parser.parse_args(argv)
+    if not hasattr(args, "categories"):
+        parser.error("the following arguments are required: --categories")
     workspace = cli.workspace_of(args)
-    options = PreprocessOptions(
-        categories=tuple(args.categories),
-        images_dir=args.images_dir or workspace.images,
-        image_size=args.image_size,
-        resize=args.resize,
-        split=args.split,
-        seed=args.seed,
-        dedupe=args.dedupe,
-        workers=args.workers,
-    )
-    prepare_dataset(options, workspace)
+    options = coerce(PreprocessOptions, vars(args))
+    options.setdefault("images_dir", workspace.images)
+    prepare_dataset(PreprocessOptions(**options), workspace)
 
 
 if __name__ == "__main__":

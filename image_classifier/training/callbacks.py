@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import time
 
-from .atomic import save_model_atomic
-from .tf_env import import_keras
+from ..atomic import save_model_atomic
+from ..tf_env import import_keras
 
 keras = import_keras()
 

@@ -23,21 +23,24 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_atomic, write_json
-from .config import Workspace
-from .errors import UserError
+from ..atomic import write_json
+from ..errors import UserError
+from ..runs import BACKUP_STATE, RunFolder
 
-BACKUP = "backup"
-STATE = "state.json"
-FINISHED = 3
+FINISHED = "finished"
 """state.phase after the last training epoch: only the final evaluation and files are left."""
+LEGACY_PHASES = {1: None, 2: "fine_tune", 3: FINISHED}
+"""Backups written before phases had names numbered them."""
 
 
 @dataclass
 class TrainingState:
     """Everything besides weights that an interrupted run needs to continue as if never stopped."""
 
-    phase: int = 1
+    phase: str | None = None
+    """The phase in progress (a name from training/phases.py); None before the first one starts."""
+    phase_start: int = 0
+    """The epoch the phase in progress started at."""
     epochs_done: int = 0
     history: dict[str, list[float]] = field(default_factory=dict)
     fine_tune_start: int | None = None
@@ -57,58 +60,21 @@ class TrainingState:
         self.epochs_done = epoch + 1
 
 
-def backup_dir(run: Path) -> Path:
-    return run / BACKUP
-
-
-def load_state(run: Path) -> TrainingState:
+def load_state(run: RunFolder) -> TrainingState:
     """The last saved state of `run`, or a fresh one when it stopped before its first epoch ended."""
-    path = backup_dir(run) / STATE
+    path = run.backup_dir / BACKUP_STATE
     if not path.is_file():
         return TrainingState()
     try:
-        return TrainingState(**json.loads(path.read_text(encoding="utf-8")))
-    except (ValueError, TypeError) as error:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(saved.get("phase"), int):
+            saved["phase"] = LEGACY_PHASES[saved["phase"]]
+            saved["phase_start"] = saved.get("fine_tune_start") or 0 if saved["phase"] else 0
+        return TrainingState(**saved)
+    except (ValueError, TypeError, KeyError) as error:
         raise UserError(
             f"the backup {path} is unreadable ({error}); start the run again without --resume"
         ) from None
-
-
-def is_finished(run: Path) -> bool:
-    return (run / "metrics.json").is_file() and not (backup_dir(run) / STATE).is_file()
-
-
-def find_resumable(workspace: Workspace, name: str | Path) -> Path:
-    """`latest` (the newest unfinished run), a run folder name or a path -> the run folder to continue."""
-    if str(name) == "latest":
-        runs = workspace.runs
-        unfinished = (
-            sorted(
-                (
-                    path
-                    for path in runs.iterdir()
-                    if path.is_dir() and not path.is_symlink() and _resumable(path)
-                ),
-                key=lambda path: path.name,
-            )
-            if runs.is_dir()
-            else []
-        )
-        if not unfinished:
-            raise UserError(f"no unfinished run in {runs} to resume; start one without --resume")
-        return unfinished[-1].resolve()
-    for candidate in (Path(name), workspace.runs / str(name)):
-        if (candidate / "config.json").is_file():
-            if is_finished(candidate):
-                raise UserError(f"run {candidate} finished already; there is nothing to resume")
-            return candidate.resolve()
-    raise UserError(
-        f"no run folder {name} to resume (looked in {workspace.runs}); use --resume latest or a folder name"
-    )
-
-
-def _resumable(run: Path) -> bool:
-    return (run / "config.json").is_file() and not is_finished(run)
 
 
 def training_log_csv(history: dict[str, list[float]]) -> bytes:
@@ -125,12 +91,12 @@ def training_log_csv(history: dict[str, list[float]]) -> bytes:
 class RunBackup:
     """Saves and restores a run's training state; `writes` is False on the non-chief workers."""
 
-    def __init__(self, run: Path, full_model, state: TrainingState, writes: bool = True):
+    def __init__(self, run: RunFolder, full_model, state: TrainingState, writes: bool = True):
         self.run = run
         self.full_model = full_model
         self.state = state
         self.writes = writes
-        self.directory = backup_dir(run)
+        self.directory = run.backup_dir
         self._started = time.monotonic()
         self._seconds_before = state.seconds
 
@@ -147,7 +113,7 @@ class RunBackup:
         state.seconds = self.elapsed()
         if not self.writes:
             return
-        name = f"epoch-{state.epochs_done:04d}-phase-{state.phase}"
+        name = f"epoch-{state.epochs_done:04d}-{state.phase}"
         folder = self.directory / name
         partial = self.directory / f".{name}.partial"
         shutil.rmtree(partial, ignore_errors=True)
@@ -161,8 +127,8 @@ class RunBackup:
         shutil.rmtree(folder, ignore_errors=True)
         partial.rename(folder)
         state.folder = name
-        write_json(self.directory / STATE, asdict(state))
-        write_atomic(self.run / "training_log.csv", training_log_csv(state.history))
+        write_json(self.directory / BACKUP_STATE, asdict(state))
+        self.run.write_bytes("training_log.csv", training_log_csv(state.history))
         for old in self.directory.iterdir():
             if old.is_dir() and old.name != name:
                 shutil.rmtree(old, ignore_errors=True)

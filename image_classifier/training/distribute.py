@@ -32,8 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import UserError
-from .tf_env import import_keras
+from ..errors import UserError
+from ..tf_env import import_keras
 
 STRATEGIES = ("none", "mirrored", "multi-worker", "tpu")
 

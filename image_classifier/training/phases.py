@@ -1,0 +1,120 @@
+"""Training phases: each trains one model on one kind of input for a span of epochs.
+
+A run is a list of phases (`plan`): the first trains the new head (on cached backbone features when the
+backbone's output never changes, else end to end) or a model from scratch; fine-tuning, when asked for,
+follows. The Trainer (loop.py) runs them in order; each phase only says what to fit and says so in a line.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from .config import TrainConfig
+
+if TYPE_CHECKING:
+    from .loop import Trainer
+
+
+@dataclass
+class PhaseInputs:
+    """What one phase fits: a model, its learning rate, its training and validation batches."""
+
+    announcement: str
+    model: object
+    learning_rate: float
+    train_source: object
+    validation_source: object
+
+
+class Phase(ABC):
+    name: ClassVar[str]
+
+    def epochs(self, config: TrainConfig) -> int:
+        return config.epochs
+
+    @abstractmethod
+    def start(self, trainer: Trainer) -> PhaseInputs:
+        """Make the model ready for this phase and say what it fits (also when a resumed run re-enters it)."""
+
+
+class HeadOnCachedFeatures(Phase):
+    """The frozen backbone's output for a photo never changes without augmentation: compute it once."""
+
+    name = "head_on_features"
+
+    def start(self, trainer: Trainer) -> PhaseInputs:
+        from ..pipeline import batch_source
+
+        config = trainer.config
+        train_features, validation_features = trainer.cached_features()
+        return PhaseInputs(
+            f"Phase 1: training the head on cached features for up to {config.epochs} epochs",
+            trainer.built.head,
+            config.learning_rate,
+            batch_source(
+                train_features,
+                trainer.y_train,
+                shuffle=True,
+                seed=config.seed,
+                class_weight=trainer.class_weight,
+            ),
+            batch_source(validation_features, trainer.y_validation),
+        )
+
+
+class EndToEnd(Phase):
+    """The whole model on the photos: a from-scratch network, or a head on a frozen backbone with augmentation."""
+
+    name = "end_to_end"
+
+    def start(self, trainer: Trainer) -> PhaseInputs:
+        config = trainer.config
+        what = (
+            "the head on the frozen backbone"
+            if config.spec.pretrained
+            else f"{config.spec.name} from scratch"
+        )
+        train, validation = trainer.image_sources()
+        return PhaseInputs(
+            f"Phase 1: training {what} for up to {config.epochs} epochs",
+            trainer.built.model,
+            config.learning_rate,
+            train,
+            validation,
+        )
+
+
+class FineTune(Phase):
+    """Unfreeze the top backbone layers (BatchNorm kept frozen) and continue at a lower rate."""
+
+    name = "fine_tune"
+
+    def epochs(self, config: TrainConfig) -> int:
+        return config.fine_tune_epochs
+
+    def start(self, trainer: Trainer) -> PhaseInputs:
+        from ..models import unfreeze_top
+
+        config = trainer.config
+        unfrozen = unfreeze_top(trainer.built, config.fine_tune_layers)
+        train, validation = trainer.image_sources()
+        return PhaseInputs(
+            f"Phase 2: fine-tuning the top {config.fine_tune_layers} backbone layers ({unfrozen} with weights, "
+            f"BatchNorm frozen) at learning rate {config.fine_tune_learning_rate:g} ({config.lr_schedule}) for up "
+            f"to {config.fine_tune_epochs} epochs",
+            trainer.built.model,
+            config.fine_tune_learning_rate,
+            train,
+            validation,
+        )
+
+
+def plan(config: TrainConfig) -> list[Phase]:
+    """The phases `config` asks for, in order."""
+    cached = config.spec.pretrained and not config.augment
+    phases: list[Phase] = [HeadOnCachedFeatures() if cached else EndToEnd()]
+    if config.fine_tunes:
+        phases.append(FineTune())
+    return phases
