@@ -167,7 +167,7 @@ def test_plot_history_script_writes_each_run_and_an_overlay(trained_runs, tmp_pa
     missing = run_script("plot_history.py", "--workspace", workspace, "no-such-run", cwd=tmp_path)
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [
-        f"error: no run folder no-such-run (looked for model.keras in no-such-run and "
+        f"error: no run folder no-such-run (looked for config.json in no-such-run and in "
         f"{trained_runs.workspace.runs / 'no-such-run'})"
     ]
 
@@ -206,6 +206,13 @@ def test_a_run_without_history_is_a_clear_error(tmp_path):
         RunFolder.find(workspace)
     broken = workspace.runs / "20250101-000000-cnn"
     broken.mkdir(parents=True)
+    (broken / "config.json").write_text('{"options": {"image_size": 32}}')
+    with pytest.raises(UserError, match="has not finished training; continue it with"):
+        RunFolder.find(workspace, broken.name)
+    (broken / "metrics.json").write_text("{}")
+    with pytest.raises(UserError, match="is incomplete"):
+        RunFolder.find(workspace, broken.name)
+    (broken / "labels.json").write_text('["a", "b"]')
     (broken / "model.keras").write_bytes(b"")
     with pytest.raises(UserError, match="has no history.pickle"):
-        RunFolder.find(workspace, broken.name)
+        reports.plot_history(RunFolder.find(workspace, broken.name))
