@@ -12,11 +12,11 @@ import pytest
 from conftest import load_script, run_script
 
 from image_classifier import reports
-from image_classifier.runs import RunFolder
 from image_classifier.config import Workspace
 from image_classifier.dataset import load_dataset
 from image_classifier.errors import UserError
 from image_classifier.images import load_array
+from image_classifier.runs import RunFolder
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -216,6 +216,8 @@ def test_history_pads_metrics_that_appear_later():
 
 def test_given_options_are_only_those_typed():
     parser = load_script("machine_learning.py").build_parser()
-    given = vars(parser.parse_args(["--resume", "latest", "--epochs", "4", "--augment", "--dense-units", "8,4"]))
+    given = vars(
+        parser.parse_args(["--resume", "latest", "--epochs", "4", "--augment", "--dense-units", "8,4"])
+    )
     given.pop("workspace")
     assert given == {"resume": "latest", "epochs": 4, "augment": True, "dense_units": [8, 4]}
