@@ -48,11 +48,15 @@ def seed_keras_home(sizes) -> Path | None:
 
 def photo_files(images_dir: Path, count: int) -> list[Path]:
     """The first `count` photos, taking the categories in turn (cats, dogs, cats, ...) from train/ then the rest."""
-    roots = [images_dir / s for s in ("train", "validation", "test") if (images_dir / s).is_dir()] or [images_dir]
+    roots = [images_dir / s for s in ("train", "validation", "test") if (images_dir / s).is_dir()] or [
+        images_dir
+    ]
     per_category: dict[str, list[Path]] = {}
     for root in roots:
         for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-            per_category.setdefault(folder.name, []).extend(sorted(p for p in folder.iterdir() if p.is_file()))
+            per_category.setdefault(folder.name, []).extend(
+                sorted(p for p in folder.iterdir() if p.is_file())
+            )
     lists = list(per_category.values())
     files = [group[i] for i in range(max(map(len, lists), default=0)) for group in lists if i < len(group)]
     return files[:count]
@@ -76,9 +80,15 @@ def bench_size(size: int, files: list[Path], batch_size: int, cache: Path, repea
     rows = [{"engine": "Keras predict", "step": lambda b: model.predict(b, batch_size=batch_size, verbose=0)}]
 
     key = engines.cache_key("mobilenet_v2", size, engines.model_digest(model))
-    for engine, title in (("keras", "tf.function (keras engine)"), ("litert", "LiteRT + XNNPACK"), ("onnx", "ONNX Runtime")):
+    for engine, title in (
+        ("keras", "tf.function (keras engine)"),
+        ("litert", "LiteRT + XNNPACK"),
+        ("onnx", "ONNX Runtime"),
+    ):
         started = time.perf_counter()
-        runner = engines.FeatureEngine(model, cache, key, engine, print_fn=lambda line: print(line, file=sys.stderr))
+        runner = engines.FeatureEngine(
+            model, cache, key, engine, print_fn=lambda line: print(line, file=sys.stderr)
+        )
         conversion = time.perf_counter() - started
         if runner.name != engine:
             rows.append({"engine": title, "speed": None, "note": runner.fallback_reason})
@@ -139,7 +149,9 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=256)
     parser.add_argument("--sizes", type=int, nargs="+", default=[160, 224])
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2, help="timed passes per engine, best kept (default 2)")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="timed passes per engine, best kept (default 2)"
+    )
     parser.add_argument("--images-dir", type=Path, default=SHARED / "datasets" / "cats_and_dogs_small")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -150,7 +162,11 @@ def main() -> None:
         files = photo_files(args.images_dir, args.photos)
         if not files:
             raise SystemExit(f"no photos in {args.images_dir}")
-        rows = [row for size in args.sizes for row in bench_size(size, files, args.batch_size, cache, args.repeats)]
+        rows = [
+            row
+            for size in args.sizes
+            for row in bench_size(size, files, args.batch_size, cache, args.repeats)
+        ]
         print(table(rows, len(files), args.batch_size, args.repeats))
     finally:
         shutil.rmtree(cache, ignore_errors=True)

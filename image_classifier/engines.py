@@ -29,12 +29,13 @@ import json
 import logging
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import write_atomic
 
 ENGINES = ("keras", "litert", "onnx")
 CPU_PREFERENCE = ("litert", "onnx")
@@ -101,6 +102,7 @@ def cache_key(backbone: str, image_size: int, weights: str, layers: str = "poole
 
     `weights` is anything that identifies the weights (a file's hash, or model_digest(model)); `layers` names the
     part of the network converted. Both are hashed into the key when they are not already short and safe."""
+
     def safe(text: str) -> str:
         text = str(text)
         if len(text) <= 24 and all(c.isalnum() or c in "-_." for c in text):
@@ -139,22 +141,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            os.fchmod(file.fileno(), 0o644)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-
-
-@contextlib.contextmanager
 def _locked(path: Path):
     """One conversion of a key at a time, across processes."""
     handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -299,7 +285,7 @@ class FeatureEngine:
             self.converted = True
             try:
                 data = self._convert(engine)
-                _write_atomically(path, data)
+                write_atomic(path, data)
                 self._runner = self._load(engine, path)
                 self._verify()
             except Exception as error:
@@ -307,7 +293,7 @@ class FeatureEngine:
                     path.unlink()
                 if not isinstance(error, (OSError, MemoryError)):  # not a passing condition of this machine
                     failed = {"failed": _one_line(error), "versions": versions}
-                    _write_atomically(record_path, json.dumps(failed, indent=2).encode())
+                    write_atomic(record_path, json.dumps(failed, indent=2).encode())
                 raise
             info = {
                 "sha256": hashlib.sha256(data).hexdigest(),
@@ -317,7 +303,7 @@ class FeatureEngine:
                 "input_shape": list(self.input_shape),
                 "check_difference": self.check_difference,
             }
-            _write_atomically(record_path, json.dumps(info, indent=2).encode())
+            write_atomic(record_path, json.dumps(info, indent=2).encode())
 
     def _serving(self):
         import tensorflow as tf
@@ -355,7 +341,9 @@ class FeatureEngine:
 
             def emit(self, record):
                 message = record.getMessage()
-                if message.startswith("Unsupported ops"):  # "Unsupported ops: Counter({'ScaleAndTranslate': 1})"
+                if message.startswith(
+                    "Unsupported ops"
+                ):  # "Unsupported ops: Counter({'ScaleAndTranslate': 1})"
                     self.ops += re.findall(r"'(\w+)'", message) or [message]
 
         tf2onnx_log = logging.getLogger("tf2onnx")

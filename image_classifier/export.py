@@ -207,7 +207,9 @@ def _test_images(run: RunFolder) -> tuple[np.ndarray, str]:
         images, _ = dataset.arrays(split)
         if len(images):
             return images, split
-    raise UserError(f"the prepared dataset {dataset.path} has no test or validation images to check the export on")
+    raise UserError(
+        f"the prepared dataset {dataset.path} has no test or validation images to check the export on"
+    )
 
 
 def _keras_probabilities(model, images: np.ndarray) -> np.ndarray:

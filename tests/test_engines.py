@@ -13,7 +13,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import synthetic_photo
 
 SIZE = 96
@@ -94,7 +93,9 @@ def test_converted_engine_gives_keras_features_and_is_cached(features, photos, r
 
 
 @pytest.mark.parametrize("name, damage", DAMAGES)
-def test_damaged_cached_file_is_converted_again(features, photos, reference, cache, key, tmp_path, name, damage):
+def test_damaged_cached_file_is_converted_again(
+    features, photos, reference, cache, key, tmp_path, name, damage
+):
     first = engine(features, cache, key, name)  # converted by the test above, or now
     own = tmp_path / "cache"
     own.mkdir()
@@ -156,7 +157,9 @@ def test_unconvertible_model_falls_back_once_and_is_remembered(tmp_path, name, c
     fallen = FeatureEngine(model, tmp_path, "tiny", name, print_fn=lines.append)
     captured = capfd.readouterr()
     assert fallen.name == "keras" and len(lines) == 1 and "ScaleAndTranslate" in lines[0]
-    assert "ScaleAndTranslate" not in captured.out + captured.err  # the converters' own diagnostics are silenced
+    assert (
+        "ScaleAndTranslate" not in captured.out + captured.err
+    )  # the converters' own diagnostics are silenced
     np.testing.assert_allclose(fallen.run(images), expected, atol=1e-6, rtol=0)
     assert not list(tmp_path.glob("tiny.tflite")) and not list(tmp_path.glob("tiny.onnx"))
 

@@ -187,7 +187,7 @@ def test_urls_are_downloaded_checked_and_predicted(cnn_run, local_server):
     labels = RunFolder.find(cnn_run.workspace, cnn_run.run).labels
     assert photo.top[0][0] == labels[int(expected.argmax())]
     assert photo.top[0][1] == pytest.approx(float(expected.max()), abs=1e-6)
-    assert page.error == "download failed: not an image (HTML page)"
+    assert page.error == "download failed: not an image (an HTML page)"
     assert missing.error == "download failed: HTTP 404"
 
 

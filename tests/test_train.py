@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import (
     ANIMALS,
+    ROOT,
     SHARED_WEIGHTS,
     cosine_rates,
     logged_learning_rates,
@@ -237,16 +238,31 @@ def test_missing_imagenet_weights_name_the_file_and_the_way_out(images, tmp_path
     assert not (tmp_path / "ws" / "runs").exists()
 
 
-def test_help_documents_every_option(tmp_path):
+def test_the_readme_table_and_help_name_the_same_options(tmp_path):
+    """The README's training table and --help (made from TrainConfig's declarations) list the same flags."""
     result = run_script("machine_learning.py", "--help", cwd=tmp_path)
     assert result.returncode == 0
-    for option in (
-        "--categories", "--images-dir", "--workspace", "--model", "--epochs", "--batch-size", "--image-size",
-        "--optimizer", "--learning-rate", "--lr-schedule", "--batch-norm", "--dropout", "--dense-units", "--l2", "--augment", "--fine-tune-layers",
-        "--fine-tune-epochs", "--early-stopping", "--class-weight", "--seed", "--weights",
-    ):  # fmt: skip
-        assert option in result.stdout
+    in_help = set(re.findall(r"^\s+(--[a-z][a-z0-9-]*)", result.stdout, re.MULTILINE)) - {
+        "--help",
+        "--workspace",
+    }
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## 3. Train") : readme.index("## 4. ")]
+    rows = [re.split(r"(?<!\\)\|", line)[1] for line in section.splitlines() if line.startswith("| `--")]
+    in_readme = {flag for row in rows for flag in re.findall(r"--[a-z][a-z0-9-]*", row)} - {"--no-batch-norm"}
+    assert in_help == in_readme
+    assert len(in_help) >= 25
     assert "efficientnet_v2_s" in result.stdout and "convnext_tiny" in result.stdout
+
+
+def test_help_defaults_come_from_the_model_registry(tmp_path):
+    from image_classifier.models import REGISTRY
+
+    result = run_script("machine_learning.py", "--help", cwd=tmp_path)
+    text = " ".join(result.stdout.split())
+    cnn = REGISTRY["cnn"]
+    assert f"{cnn.dropout:g} for cnn" in text and f"{cnn.epochs} for mlp and cnn" in text
+    assert f"{REGISTRY['mobilenet_v2'].default_image_size} for mobilenet_v2" in text
 
 
 def test_workspace_comes_from_the_environment(images, tmp_path):
@@ -256,6 +272,41 @@ def test_workspace_comes_from_the_environment(images, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "from-env" / "runs" / "latest" / "model.keras").is_file()
+
+
+def test_config_file_trains_again_and_the_command_line_overrides_it(images, tmp_path):
+    workspace = tmp_path / "ws"
+    first = run_script(
+        "machine_learning.py", "--workspace", str(workspace), "--categories", "red,blue,green", "--model", "mlp",
+        "--image-size", "16", "--epochs", "2", "--dropout", "0.1", "--images-dir", str(images), cwd=tmp_path,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    saved = workspace / "runs" / "latest" / "config.json"
+    original = json.loads(saved.read_text())["options"]
+    again = run_script(
+        "machine_learning.py",
+        "--workspace",
+        str(workspace),
+        "--config",
+        str(saved),
+        "--epochs",
+        "1",
+        cwd=tmp_path,
+    )
+    assert again.returncode == 0, again.stderr
+    options = json.loads((workspace / "runs" / "latest" / "config.json").read_text())["options"]
+    assert options == {**original, "epochs": 1}
+    assert original["dropout"] == 0.1 and original["model"] == "mlp"
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"options": {**original, "learning_rat": 0.1}}))
+    refused = run_script(
+        "machine_learning.py", "--workspace", str(workspace), "--config", str(bad), cwd=tmp_path
+    )
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        f"error: --config {bad} has options this version does not know: learning_rat; remove them"
+    ]
 
 
 def test_summary_prints_layers_and_draws_the_diagram(tmp_path):
