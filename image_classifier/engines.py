@@ -141,6 +141,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
 def _locked(path: Path):
     """One conversion of a key at a time, across processes."""
     handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
