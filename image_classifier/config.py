@@ -3,6 +3,8 @@
 images/<category>/...          the photos (gather writes here, users may too)
 datasets/<name>/               arrays made by preprocessing (one folder per data + options)
 runs/<timestamp>-<model>/      one training run; runs/latest points at the newest
+features/<name>/               backbone features computed from those arrays (features.py)
+engines/                       backbones converted for the fast CPU engines, once per machine (engines.py)
 keras/                         KERAS_HOME inside the container, so downloaded weights survive
 """
 
@@ -35,6 +37,14 @@ class Workspace:
     @property
     def runs(self) -> Path:
         return self.root / "runs"
+
+    @property
+    def features(self) -> Path:
+        return self.root / "features"
+
+    @property
+    def engines(self) -> Path:
+        return self.root / "engines"
 
     @property
     def latest_run(self) -> Path:

@@ -92,6 +92,7 @@ class Predictor:
     def __init__(self, run: RunFolder) -> None:
         self.run = run
         self._model = None
+        self._backbone = None
 
     @property
     def model(self):
@@ -109,8 +110,24 @@ class Predictor:
         return self._model
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """uint8 images, N x size x size x 3 (as load_array makes them) -> N x classes."""
-        return np.asarray(self.model.predict_on_batch(images.astype(np.float32)))
+        """uint8 images, N x size x size x 3 (as load_array makes them) -> N x classes.
+
+        A backbone's features come from features.py (the fast engine) and go through the model's own head:
+        the same function as the whole model, which runs as it is for models trained from scratch.
+        """
+        if self.run.config.get("model", {}).get("family") != "backbone":
+            return np.asarray(self.model.predict_on_batch(images.astype(np.float32)))
+        if self._backbone is None:
+            from .features import BackboneFeatures, split_model
+
+            features_model, head = split_model(self.model)
+            features = BackboneFeatures(
+                features_model, self.run.options["model"], self.run.image_size, self.run.workspace,
+                self.run.options.get("engine"), print_fn=lambda line: print(line, file=sys.stderr),
+            )  # fmt: skip
+            self._backbone = (features, head)
+        features, head = self._backbone
+        return np.asarray(head.predict_on_batch(features.of_images(images)))
 
     def read(self, source: PredictInput, client: HttpClient, downloads: Path) -> np.ndarray | str:
         """The image as the model's input array, or the reason it cannot be used."""

@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from .. import cli
+from ..engines import ENGINES
 from ..errors import UserError
 from ..models import DEFAULT_MODEL, REGISTRY, ModelSpec, check_image_size, check_weights, get_spec
 from ..options import Declaration, as_json, coerce, declared
@@ -159,6 +160,15 @@ class TrainConfig:
             choices=STRATEGIES,
         ),
         "none",
+    )
+    engine: str | None = declared(
+        _option(
+            "what runs the frozen backbone when its features are computed once (LiteRT and ONNX Runtime are "
+            "fast CPU engines; keras is TensorFlow itself)",
+            choices=ENGINES,
+            default_text="litert on a CPU, keras on a GPU",
+        ),
+        None,
     )
     workers: int = declared(WORKERS, 0, compare=False)
 

@@ -11,6 +11,7 @@ import contextlib
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -91,9 +92,8 @@ def train_on_dataset(
     import_keras().utils.set_random_seed(config.seed)
     built = _build(config, len(dataset.labels), distribution)  # before the run folder: bad weights fail first
     with _run_folder(distribution, workspace, config, dataset, run, print_fn) as folder:
-        trainer = Trainer.start(
-            config, dataset, folder, distribution, built, state or TrainingState(), print_fn
-        )
+        state = state or TrainingState()
+        trainer = Trainer.start(config, dataset, workspace, folder, distribution, built, state, print_fn)
         trainer.run_phases(plan(config))
         trainer.checkpoint.restore_best()
         if not distribution.is_chief:
@@ -135,6 +135,7 @@ class Trainer:
 
     config: TrainConfig
     dataset: Dataset
+    workspace: Workspace
     run: RunFolder
     distribution: object
     built: object
@@ -144,7 +145,7 @@ class Trainer:
     print_fn: PrintFn
 
     @classmethod
-    def start(cls, config, dataset, run, distribution, built, state, print_fn) -> Trainer:
+    def start(cls, config, dataset, workspace, run, distribution, built, state, print_fn) -> Trainer:
         """The model's backup and best checkpoint; a resumed run gets its weights and best checkpoint back."""
         from .backup import RunBackup
         from .callbacks import BestModelCheckpoint
@@ -152,7 +153,9 @@ class Trainer:
         chief = distribution.is_chief
         backup = RunBackup(run, built.model, state, writes=chief)
         checkpoint = BestModelCheckpoint(built.model, run.model_path, writes=chief)
-        trainer = cls(config, dataset, run, distribution, built, state, backup, checkpoint, print_fn)
+        trainer = cls(
+            config, dataset, workspace, run, distribution, built, state, backup, checkpoint, print_fn
+        )
         if distribution.replicas > 1:
             print_fn(
                 f"Distributed ({distribution.name}): {distribution.replicas} replicas on {distribution.workers} "
@@ -203,22 +206,31 @@ class Trainer:
             batch_source(x_validation, y_validation),
         )
 
+    @cached_property
+    def features(self):
+        """The frozen backbone's features (features.py); each worker computes all, with no collectives."""
+        from ..features import BackboneFeatures
+
+        config, chief = self.config, self.distribution.is_chief
+        model = self.distribution.local_copy(self.built.features)
+        return BackboneFeatures(
+            model,
+            config.spec.name,
+            config.image_size,
+            self.workspace,
+            config.engine,
+            self.print_fn,
+            writes=chief,
+        )
+
     def cached_features(self) -> tuple[np.ndarray, np.ndarray]:
         """The frozen backbone's pooled features of the training and validation photos, computed once."""
-        from ..pipeline import batch_source, images_only
-
         splits = ("train", "validation")
         total = sum(self.dataset.count(split) for split in splits)
-        self.print_fn(f"Phase 1: computing {self.config.spec.name} features once for {total} images")
-        features = self.distribution.local_copy(
-            self.built.features
-        )  # each worker computes all, no collectives
-        return tuple(
-            features.predict(
-                images_only(batch_source(*self.dataset.arrays(split))(self.config.batch_size)), verbose=1
-            )
-            for split in splits
+        self.print_fn(
+            f"Phase 1: {self.config.spec.name} features of {total} images, computed once and cached"
         )
+        return tuple(self.features.of_split(self.dataset, split, self.config.batch_size) for split in splits)
 
     def run_phases(self, phases: list[Phase]) -> None:
         """Run each phase not yet done, in order; the state names the one in progress."""
