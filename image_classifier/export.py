@@ -352,6 +352,43 @@ class ExportResult:
     contract: dict
 
 
+def _write_checked(model, run, options, new: Path, scratch: Path, images, split: str, print_fn) -> Check:
+    """Write the artefact into scratch and check it predicts like the Keras model; refuse it if not."""
+    if options.format == "savedmodel":
+        _write_savedmodel(model, new)
+    elif options.format == "tflite":
+        _write_tflite(model, run, options.quantize, new, scratch)
+    else:
+        _write_onnx(model, run, new)
+    check = check_export(new, options, model, images, split)
+    print_fn(check.describe())
+    if not check.passed:
+        found = check.describe()
+        hint = {"int8": "; try --quantize float16 or none", "float16": "; try --quantize none"}
+        raise UserError(
+            f"the {options.title} export does not predict like the Keras model "
+            f"({found[0].lower()}{found[1:]}); nothing was saved{hint.get(options.quantize, '')}"
+        )
+    return check
+
+
+def _record(index_path: Path, options, size: int, contract: dict, check: Check) -> None:
+    """The artefact's entry in export.json: format, size, input contract and the check it passed."""
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        index = {}
+    index[options.artifact] = {
+        "format": options.format,
+        "quantize": options.quantize,
+        "bytes": size,
+        **contract,
+        "check": asdict(check),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_json(index_path, index)
+
+
 def export_run(options: ExportOptions, workspace: Workspace, print_fn=print) -> ExportResult:
     """The export stage: write, check, then install <run>/export/<artifact> and its export.json entry."""
     options.validate()
@@ -371,21 +408,7 @@ def export_run(options: ExportOptions, workspace: Workspace, print_fn=print) -> 
         scratch = Path(tempfile.mkdtemp(dir=folder, prefix=".partial-"))
         try:
             new = scratch / options.artifact
-            if options.format == "savedmodel":
-                _write_savedmodel(model, new)
-            elif options.format == "tflite":
-                _write_tflite(model, run, options.quantize, new, scratch)
-            else:
-                _write_onnx(model, run, new)
-            check = check_export(new, options, model, images, split)
-            print_fn(check.describe())
-            if not check.passed:
-                found = check.describe()
-                hint = {"int8": "; try --quantize float16 or none", "float16": "; try --quantize none"}
-                raise UserError(
-                    f"the {options.title} export does not predict like the Keras model "
-                    f"({found[0].lower()}{found[1:]}); nothing was saved{hint.get(options.quantize, '')}"
-                )
+            check = _write_checked(model, run, options, new, scratch, images, split, print_fn)
             size = _size(new)
             final = folder / options.artifact
             _install(new, final, scratch)
@@ -393,20 +416,7 @@ def export_run(options: ExportOptions, workspace: Workspace, print_fn=print) -> 
             shutil.rmtree(scratch, ignore_errors=True)
         contract = input_contract(options, run)
         write_json(folder / "labels.json", run.labels)
-        index_path = folder / INDEX_NAME
-        try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            index = {}
-        index[options.artifact] = {
-            "format": options.format,
-            "quantize": options.quantize,
-            "bytes": size,
-            **contract,
-            "check": asdict(check),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        write_json(index_path, index)
+        _record(folder / INDEX_NAME, options, size, contract, check)
     keras_size = run.model_path.stat().st_size
     print_fn(
         f"Saved {final} ({_megabytes_text(size)}; model.keras is {_megabytes_text(keras_size)}) in "

@@ -440,7 +440,14 @@ def _write_outputs(
             counts[split] = {"total": len(members), **{c: per_class.get(c, 0) for c in options.categories}}
     finally:
         os.close(source)
+    _write_records(files, options, out, near_pairs)
+    return counts
 
+
+def _write_records(
+    files: list[SourceFile], options: PreprocessOptions, out: Path, near_pairs: list[tuple]
+) -> None:
+    """What became of each source file (manifest.csv, skipped.csv, near_duplicates.csv) and the labels."""
     with open(out / "manifest.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=DATASET_MANIFEST_FIELDS)
         writer.writeheader()
@@ -472,7 +479,6 @@ def _write_outputs(
     (out / "labels.json").write_text(
         json.dumps(list(options.categories), ensure_ascii=False, indent=1), "utf-8"
     )
-    return counts
 
 
 def _remove_stale_temporaries(root: Path, name: str) -> None:
@@ -529,14 +535,7 @@ def prepare_dataset(options: PreprocessOptions, workspace: Workspace, print_fn=p
         _remove_exact_duplicates(files, options.categories)
         near_pairs, groups = _near_duplicates(files, options)
         _check_counts(files, options)
-        kept = [f for f in files if f.status == "ok"]
-        if kept[0].given_split:
-            for item in kept:
-                item.split = item.given_split or ""
-        else:
-            items = [SplitItem(label=f.label, key=f.sha256, group=groups[id(f)]) for f in kept]
-            for item, split in zip(kept, assign_splits(items, options.split, options.seed), strict=True):
-                item.split = split
+        kept = _split(files, options, groups)
         counts = _write_outputs(files, options, work, staging, staging_offset, near_pairs, print_fn)
         staging.unlink()
         status_counts = Counter(f.status for f in files)
@@ -557,19 +556,37 @@ def prepare_dataset(options: PreprocessOptions, workspace: Workspace, print_fn=p
         }
         info["options"].pop("workers", None)
         (work / "dataset.json").write_text(json.dumps(info, indent=1, ensure_ascii=False), "utf-8")
-        if folder.exists():
-            retired = workspace.datasets / f".{name}.old-{os.getpid()}"
-            folder.rename(retired)
-            work.rename(folder)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            work.rename(folder)
+        _install(work, folder)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     dataset = load_dataset(folder)
     print_fn(summarize(dataset, files, time.monotonic() - started))
     return dataset
+
+
+def _split(files: list[SourceFile], options: PreprocessOptions, groups: dict) -> list[SourceFile]:
+    """Give each kept file its split: the given one, or a stratified draw that keeps look-alikes together."""
+    kept = [f for f in files if f.status == "ok"]
+    if kept[0].given_split:
+        for item in kept:
+            item.split = item.given_split or ""
+        return kept
+    items = [SplitItem(label=f.label, key=f.sha256, group=groups[id(f)]) for f in kept]
+    for item, split in zip(kept, assign_splits(items, options.split, options.seed), strict=True):
+        item.split = split
+    return kept
+
+
+def _install(work: Path, folder: Path) -> None:
+    """Swap the finished arrays in for the old ones, so a reader never finds half a dataset."""
+    if folder.exists():
+        retired = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        folder.rename(retired)
+        work.rename(folder)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        work.rename(folder)
 
 
 def summarize(dataset: Dataset, files: Sequence[SourceFile], seconds: float) -> str:
