@@ -7,6 +7,7 @@ import json
 import pickle
 import platform
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -253,6 +254,27 @@ def test_the_readme_table_and_help_name_the_same_options(tmp_path):
     assert in_help == in_readme
     assert len(in_help) >= 25
     assert "efficientnet_v2_s" in result.stdout and "convnext_tiny" in result.stdout
+
+
+def test_help_and_bad_options_never_import_tensorflow(tmp_path):
+    """--help and the argument checks answer in a fraction of a second: TensorFlow is imported only to train."""
+    probe = (
+        "import runpy, sys\n"
+        "sys.argv = ['machine_learning.py', *sys.argv[1:]]\n"
+        "try:\n"
+        f"    runpy.run_path({str(ROOT / 'scripts' / 'machine_learning.py')!r}, run_name='__main__')\n"
+        "except SystemExit as end:\n"
+        "    print('exit', end.code, 'tensorflow' in sys.modules)\n"
+    )
+    for args, code in (
+        (["--help"], 0),
+        (["--categories", "a,b", "--dropout", "2"], 2),
+        (["--model", "x"], 2),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-c", probe, *args], capture_output=True, text=True, cwd=tmp_path
+        )
+        assert result.stdout.strip().splitlines()[-1] == f"exit {code} False", result.stderr
 
 
 def test_help_defaults_come_from_the_model_registry(tmp_path):
