@@ -69,6 +69,16 @@ def int_list_arg(text: str) -> list[int]:
     return values
 
 
+def names_arg(text: str) -> list[str]:
+    """`block_6_expand_relu,final` -> ['block_6_expand_relu', 'final']; at least one name."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(
+            f"expected names separated by commas, like block_13_expand_relu,final, got {text!r}"
+        )
+    return names
+
+
 def fractions_arg(text: str) -> tuple[float, float, float]:
     try:
         return parse_fractions(text)

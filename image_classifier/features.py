@@ -27,8 +27,6 @@ import numpy as np
 from .atomic import write_atomic, write_json
 from .config import Workspace
 
-LAYERS = "pooled"
-"""What is pooled: the backbone's last feature map, averaged over space."""
 CHUNK = 256
 """Photos read from the memory-mapped arrays at a time."""
 
@@ -52,6 +50,27 @@ def row_hashes(images: np.ndarray) -> list[str]:
     return hashes
 
 
+def augmented_view(images: np.ndarray, view: int, seed: int = 0) -> np.ndarray:
+    """View 0 is the photos as they are; odd views are mirrored left to right; views from 2 on also crop a
+    random square of 80-100% of the side (seeded by view) and resize it back. uint8 in, uint8 out."""
+    from PIL import Image
+
+    if view == 0:
+        return images
+    rng = np.random.default_rng([seed, view])
+    out = np.empty(images.shape, np.uint8)
+    size = images.shape[1]
+    for index in range(len(images)):
+        image = np.asarray(images[index])
+        if view >= 2:
+            side = int(round(size * rng.uniform(0.8, 1.0)))
+            top, left = rng.integers(0, size - side + 1, 2)
+            crop = Image.fromarray(image[top : top + side, left : left + side])
+            image = np.asarray(crop.resize((size, size), Image.Resampling.BILINEAR))
+        out[index] = image[:, ::-1] if view % 2 else image
+    return out
+
+
 def split_model(model):
     """A saved whole model (photo -> probabilities) of a backbone -> (photo -> pooled features, head)."""
     from .tf_env import import_keras
@@ -73,6 +92,7 @@ class BackboneFeatures:
         engine: str | None = None,
         print_fn: Callable[..., object] = print,
         writes: bool = True,
+        layers: tuple[str, ...] = ("final",),
     ):
         from .engines import cache_key
 
@@ -82,7 +102,7 @@ class BackboneFeatures:
         self.requested = engine
         self.print_fn = print_fn
         self.writes = writes
-        self.key = cache_key(backbone, image_size, weights_digest(feature_model)[:16], LAYERS)
+        self.key = cache_key(backbone, image_size, weights_digest(feature_model)[:16], ",".join(layers))
         self._engine = None
         self.computed = 0
         self.reused = 0
@@ -108,10 +128,12 @@ class BackboneFeatures:
         """Features of photos already resized to image_size (uint8), computed now, not cached."""
         return self._compute(np.asarray(images), batch_size, "Features" if progress else None)
 
-    def of_split(self, dataset, split: str, batch_size: int = 64) -> np.ndarray:
-        """Features of one split of prepared arrays: read from the cache, computing only what is missing."""
-        images = dataset.arrays(split)[0]
+    def of_split(self, dataset, split: str, batch_size: int = 64, view: int = 0, seed: int = 0) -> np.ndarray:
+        """Features of one split of prepared arrays (or an augmented view of it, see augmented_view): read
+        from the cache, computing only what is missing."""
+        images = augmented_view(dataset.arrays(split)[0], view, seed)
         folder = self.workspace.features / Path(dataset.path).name / self.key
+        split = split if view == 0 else f"{split}.view{view}-seed{seed}"
         hashes = row_hashes(images)
         cached = self._read_cache(folder, split)
         known = dict(zip(cached[0], range(len(cached[0])), strict=True)) if cached else {}

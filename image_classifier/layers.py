@@ -73,3 +73,32 @@ class SquareResize(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "size": self.size, "mode": self.mode}
+
+
+@keras.saving.register_keras_serializable(package="image_classifier")
+class Standardize(keras.layers.Layer):
+    """(x - mean) / std per feature, with statistics measured on the training features and saved as weights.
+
+    Features pooled at several depths of a backbone differ in scale by an order of magnitude; standardized,
+    each depth counts alike. (Keras's Normalization layer, once adapted, did not survive model.save and
+    load_model here: the loaded model predicted differently.)
+    """
+
+    def build(self, input_shape):
+        width = int(input_shape[-1])
+        self.mean = self.add_weight(shape=(width,), initializer="zeros", trainable=False, name="mean")
+        self.inverse_std = self.add_weight(
+            shape=(width,), initializer="ones", trainable=False, name="inverse_std"
+        )
+
+    def call(self, inputs):
+        return (ops.cast(inputs, "float32") - self.mean) * self.inverse_std
+
+    def set_statistics(self, features) -> None:
+        """Measure the mean and spread of `features` (N x width); near-constant features are left unscaled."""
+        import numpy as np
+
+        values = np.asarray(features, dtype=np.float64)
+        std = values.std(axis=0)
+        self.mean.assign(values.mean(axis=0).astype("float32"))
+        self.inverse_std.assign(np.where(std > 1e-6, 1.0 / np.maximum(std, 1e-6), 1.0).astype("float32"))

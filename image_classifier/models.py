@@ -35,6 +35,8 @@ class ModelSpec:
     """BatchNormalization in each conv block (cnn only)."""
     fine_tune_layers: int = 0
     fine_tune_epochs: int = 0
+    feature_layers: tuple[str, ...] = ("final",)
+    """Backbone layers whose outputs are pooled and concatenated into the features; "final" is its output."""
     notes: str = field(default="", compare=False)
 
     @property
@@ -168,10 +170,21 @@ def _regularizer(keras, l2: float):
     return keras.regularizers.L2(l2) if l2 > 0 else None
 
 
-def build_head(keras, feature_dim: int, num_classes: int, dense_units, dropout: float, l2: float):
-    """Dropout -> [Dense -> Dropout]* -> softmax, as its own small model."""
+def build_head(
+    keras,
+    feature_dim: int,
+    num_classes: int,
+    dense_units,
+    dropout: float,
+    l2: float,
+    standardize: bool = False,
+):
+    """[Standardize ->] Dropout -> [Dense -> Dropout]* -> softmax, as its own small model."""
+    from .layers import Standardize
+
     inputs = keras.Input((feature_dim,), name="features")
-    x = keras.layers.Dropout(dropout, name="head_dropout")(inputs) if dropout > 0 else inputs
+    x = Standardize(name="standardize")(inputs) if standardize else inputs
+    x = keras.layers.Dropout(dropout, name="head_dropout")(x) if dropout > 0 else x
     for i, units in enumerate(dense_units, start=1):
         x = keras.layers.Dense(
             units, activation="relu", kernel_regularizer=_regularizer(keras, l2), name=f"dense_{i}"
@@ -231,6 +244,7 @@ def build_model(
     dense_units=None,
     l2: float = 0.0,
     batch_norm: bool | None = None,
+    feature_layers: tuple[str, ...] | None = None,
 ) -> BuiltModel:
     """Build the network for `spec`; backbones come frozen, ready for the first training phase."""
     from .layers import InputPreprocessing
@@ -245,11 +259,13 @@ def build_model(
     x = InputPreprocessing(spec.preprocessing, name="preprocessing")(x)
 
     if spec.family == "backbone":
-        backbone = _load_backbone(keras, spec, image_size, weights)
+        layers = tuple(feature_layers or spec.feature_layers)
+        backbone = _taps(keras, _load_backbone(keras, spec, image_size, weights), layers)
         backbone.trainable = False
-        pooled = keras.layers.GlobalAveragePooling2D(name="pool")(backbone(x))
+        pooled = _pooled(keras, backbone(x))
         features = keras.Model(inputs, pooled, name="features")
-        head = build_head(keras, pooled.shape[-1], num_classes, dense_units, dropout, l2)
+        several = layers != ("final",)  # depths differ in scale by an order of magnitude: standardize them
+        head = build_head(keras, pooled.shape[-1], num_classes, dense_units, dropout, l2, standardize=several)
         model = keras.Model(inputs, head(pooled), name=spec.name)
         return BuiltModel(model=model, spec=spec, backbone=backbone, features=features, head=head)
 
@@ -279,6 +295,31 @@ def build_model(
                 "it must come from the same --model, --image-size, --dense-units and categories"
             ) from None
     return BuiltModel(model=model, spec=spec, head=head)
+
+
+def _taps(keras, backbone, layers: tuple[str, ...]):
+    """The backbone with an output at each of `layers` ("final": its own output); itself for ("final",)."""
+    if tuple(layers) == ("final",):
+        return backbone
+    names = [layer.name for layer in backbone.layers]
+    unknown = [name for name in layers if name != "final" and name not in names]
+    if unknown:
+        raise UserError(
+            f"{backbone.name} has no layer {', '.join(unknown)}; --feature-layers takes layer names such as "
+            f"{', '.join(names[-40::13])} (scripts/summary.py lists them all), or final"
+        )
+    outputs = [backbone.output if name == "final" else backbone.get_layer(name).output for name in layers]
+    return keras.Model(backbone.input, outputs, name=backbone.name)
+
+
+def _pooled(keras, outputs):
+    """Each feature map averaged over space, concatenated: one vector per photo, named "pool"."""
+    if not isinstance(outputs, (list, tuple)):
+        return keras.layers.GlobalAveragePooling2D(name="pool")(outputs)
+    pooled = [
+        keras.layers.GlobalAveragePooling2D(name=f"pool_{i}")(output) for i, output in enumerate(outputs)
+    ]
+    return keras.layers.Concatenate(name="pool")(pooled)
 
 
 def unfreeze_top(built: BuiltModel, layers: int) -> int:

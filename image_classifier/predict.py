@@ -124,6 +124,7 @@ class Predictor:
             features = BackboneFeatures(
                 features_model, self.run.options["model"], self.run.image_size, self.run.workspace,
                 self.run.options.get("engine"), print_fn=lambda line: print(line, file=sys.stderr),
+                layers=tuple(self.run.options.get("feature_layers") or ("final",)),
             )  # fmt: skip
             self._backbone = (features, head)
         features, head = self._backbone

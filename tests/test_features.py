@@ -25,20 +25,31 @@ CATEGORIES = ("red", "blue", "green")
 def test_head_on_engine_features_is_the_whole_model_and_a_second_run_reuses_them(tmp_path, keras_home):
     images = make_image_folders(tmp_path / "images", dict.fromkeys(CATEGORIES, 10))
     workspace = Workspace(tmp_path / "ws")
+    layers = (
+        "block_13_expand_relu",
+        "final",
+    )  # two depths, standardized in the head; two views of each photo
     common = {"categories": CATEGORIES, "images_dir": images, "image_size": SIZE, "epochs": 2, "workers": 1}
+    common |= {"feature_layers": layers, "feature_views": 2}
     first = RunFolder(train(TrainConfig(**common), workspace, print_fn=quiet))
-    used = first.metrics["features"]
+    used, counts = first.metrics["features"], first.config["data"]["counts"]
     assert (
-        used["computed"] == sum(split["total"] for split in first.config["data"]["counts"].values())
-        and used["reused"] == 0
+        used["computed"]
+        == 2 * counts["train"]["total"] + counts["validation"]["total"] + counts["test"]["total"]
     )
+    assert used["reused"] == 0
 
     model = load_model(first.model_path)
     dataset = first.dataset()
     x_test = dataset.arrays("test")[0]
     whole = model.predict(images_only(image_batches(x_test, np.zeros(len(x_test), np.int32), 8)), verbose=0)
     features_model, head = split_model(model)
-    features = BackboneFeatures(features_model, "mobilenet_v2", SIZE, workspace, print_fn=quiet)
+    assert features_model.output.shape[-1] == 576 + 1280
+    standardize = head.get_layer("standardize").get_weights()
+    assert standardize[0].any() and not np.allclose(standardize[1], 1), "measured on the training features"
+    features = BackboneFeatures(
+        features_model, "mobilenet_v2", SIZE, workspace, print_fn=quiet, layers=layers
+    )
     on_engine = head.predict(features.of_split(dataset, "test"), verbose=0)
     np.testing.assert_allclose(on_engine, whole, atol=1e-4, rtol=0)
     assert features.computed == 0 and features.reused == len(x_test), "the test features come from the cache"
@@ -85,3 +96,23 @@ def test_a_changed_photo_recomputes_its_row_and_a_damaged_cache_is_recomputed(tm
     assert messages == [f"Features: the cache {cache} is damaged; computing it again"]
     record = json.loads(cache.with_suffix(".json").read_text())
     assert record["sha256"] and record["engine"] == repaired.engine_name
+
+
+def test_feature_options_that_cannot_apply_are_one_clear_error(tmp_path):
+    import pytest
+
+    from image_classifier.errors import UserError
+
+    common = {"categories": CATEGORIES, "images_dir": tmp_path}
+    with pytest.raises(
+        UserError, match="--feature-views trains the head on cached features .* cnn does not use"
+    ):
+        TrainConfig(**common, model="cnn", feature_views=2).resolve()
+    with pytest.raises(UserError, match="--feature-views .* --augment does not use"):
+        TrainConfig(**common, augment=True, feature_views=2).resolve()
+    with pytest.raises(
+        UserError, match="--feature-layers pools layers of a pretrained backbone; mlp has none"
+    ):
+        TrainConfig(**common, model="mlp", feature_layers=("final",) * 2).resolve()
+    with pytest.raises(UserError, match="has no layer block_99; --feature-layers takes layer names such as"):
+        build_model(get_spec("mobilenet_v2"), 2, SIZE, weights="none", feature_layers=("block_99", "final"))

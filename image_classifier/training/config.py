@@ -74,6 +74,27 @@ class TrainConfig:
     dropout: float | None = declared(
         _option("dropout rate in the head", "model", type=cli.probability_arg, per_model="dropout"), None
     )
+    feature_layers: tuple[str, ...] | None = declared(
+        _option(
+            "backbone layers pooled into the features, concatenated and standardized; final is the backbone's "
+            "output (earlier layers help on photos unlike ImageNet's)",
+            "model",
+            type=cli.names_arg,
+            metavar="LAYER,LAYER",
+            per_model="feature_layers",
+        ),
+        None,
+    )
+    feature_views: int = declared(
+        _option(
+            "views of each training photo whose features the head trains on: 1 the photo, 2 adds it mirrored, "
+            "3 and more add random crops; computed once, so no backbone cost per epoch",
+            "model",
+            type=cli.positive_int,
+            metavar="N",
+        ),
+        1,
+    )
     l2: float = declared(_option("L2 weight penalty on the dense and conv layers", "model", type=float), 0.0)
     epochs: int | None = declared(
         _option(
@@ -204,6 +225,16 @@ class TrainConfig:
                 f"--batch-norm adds BatchNormalization to cnn's conv blocks; {spec.name} has none "
                 "(use --model cnn, or leave out --batch-norm)"
             )
+        if tuple(self.feature_layers) != ("final",) and not spec.pretrained:
+            raise UserError(
+                f"--feature-layers pools layers of a pretrained backbone; {spec.name} has none "
+                "(use a backbone such as mobilenet_v2, or leave out --feature-layers)"
+            )
+        if self.feature_views > 1 and (self.augment or not spec.pretrained):
+            raise UserError(
+                "--feature-views trains the head on cached features of a pretrained backbone, which "
+                f"{'--augment' if self.augment else spec.name} does not use; drop one of them"
+            )
         if self.l2 < 0:
             raise UserError(f"--l2 must be 0 or more, got {self.l2}")
         if self.fine_tune_epochs and self.fine_tune_layers and not spec.pretrained:
@@ -232,6 +263,7 @@ class TrainConfig:
         values = coerce(cls, options)
         values.setdefault("lr_schedule", "constant")  # runs made before these options existed
         values.setdefault("batch_norm", False)
+        values.setdefault("feature_layers", ("final",))
         return cls(**values).resolve()
 
     def preprocess_options(self) -> PreprocessOptions:

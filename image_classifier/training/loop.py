@@ -110,6 +110,7 @@ def _build(config: TrainConfig, classes: int, distribution):
         return build_model(
             config.spec, classes, config.image_size, resize=config.resize, weights=config.weights,
             dropout=config.dropout, dense_units=config.dense_units, l2=config.l2, batch_norm=config.batch_norm,
+            feature_layers=config.feature_layers,
         )  # fmt: skip
 
 
@@ -221,16 +222,28 @@ class Trainer:
             config.engine,
             self.print_fn,
             writes=chief,
+            layers=tuple(config.feature_layers),
         )
 
-    def cached_features(self) -> tuple[np.ndarray, np.ndarray]:
-        """The frozen backbone's pooled features of the training and validation photos, computed once."""
-        splits = ("train", "validation")
-        total = sum(self.dataset.count(split) for split in splits)
-        self.print_fn(
-            f"Phase 1: {self.config.spec.name} features of {total} images, computed once and cached"
-        )
-        return tuple(self.features.of_split(self.dataset, split, self.config.batch_size) for split in splits)
+    def standardize_head(self, train_features: Callable[[], np.ndarray]) -> None:
+        """A head on features of several depths standardizes them with the training features' statistics."""
+        names = [layer.name for layer in self.built.head.layers]
+        if "standardize" in names:
+            self.built.head.get_layer("standardize").set_statistics(train_features())
+
+    def cached_features(self, views: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The frozen backbone's pooled features of `views` views of each training photo (their labels
+        repeated) and of the validation photos, computed once and cached."""
+        config, dataset = self.config, self.dataset
+        total = self.dataset.count("train") * views + self.dataset.count("validation")
+        self.print_fn(f"Phase 1: computing {config.spec.name} features once for {total} images")
+        train = [
+            self.features.of_split(dataset, "train", config.batch_size, view=view, seed=config.seed)
+            for view in range(views)
+        ]
+        labels = np.concatenate([self.y_train] * views)
+        validation = self.features.of_split(dataset, "validation", config.batch_size)
+        return np.concatenate(train) if views > 1 else train[0], labels, validation
 
     def run_phases(self, phases: list[Phase]) -> None:
         """Run each phase not yet done, in order; the state names the one in progress."""
@@ -271,7 +284,8 @@ class Trainer:
         """One phase's epochs: compile, put back a resumed phase's optimizer, fit with the run's callbacks."""
         from .backup import GracefulStop
 
-        self._compile(inputs, last_epoch - first_epoch)
+        count = inputs.train_count or len(self.y_train)
+        self._compile(inputs, last_epoch - first_epoch, count)
         early_stopping = self._early_stopping()
         state = self.state
         if (
@@ -285,7 +299,7 @@ class Trainer:
                 distribution.dataset(inputs.train_source, per_replica),
                 epochs=last_epoch,
                 initial_epoch=state.epochs_done,
-                steps_per_epoch=distribution.steps(len(self.y_train), per_replica),
+                steps_per_epoch=distribution.steps(count, per_replica),
                 validation_data=distribution.dataset(inputs.validation_source, per_replica),
                 validation_steps=distribution.steps(len(self.y_validation), per_replica),
                 shuffle=False,  # the tf.data pipeline reshuffles every epoch itself
@@ -295,11 +309,11 @@ class Trainer:
         if stop.requested:
             raise Interrupted(self.run, state.epochs_done)
 
-    def _compile(self, inputs: PhaseInputs, epochs: int) -> None:
+    def _compile(self, inputs: PhaseInputs, epochs: int, count: int) -> None:
         from ..tf_env import import_keras
 
         keras, distribution, config = import_keras(), self.distribution, self.config
-        decay_steps = epochs * distribution.batches(len(self.y_train), config.batch_size)
+        decay_steps = epochs * distribution.batches(count, config.batch_size)
         with distribution.scope():
             inputs.model.compile(
                 optimizer=make_optimizer(

@@ -26,6 +26,8 @@ class PhaseInputs:
     learning_rate: float
     train_source: object
     validation_source: object
+    train_count: int | None = None
+    """Examples per training epoch when they are not the training photos (augmented views of them)."""
 
 
 class Phase(ABC):
@@ -48,19 +50,22 @@ class HeadOnCachedFeatures(Phase):
         from ..pipeline import batch_source
 
         config = trainer.config
-        train_features, validation_features = trainer.cached_features()
+        train_features, train_labels, validation_features = trainer.cached_features(config.feature_views)
+        trainer.standardize_head(lambda: train_features)
+        views = f" ({config.feature_views} views of each training photo)" if config.feature_views > 1 else ""
         return PhaseInputs(
-            f"Phase 1: training the head on cached features for up to {config.epochs} epochs",
+            f"Phase 1: training the head on cached features{views} for up to {config.epochs} epochs",
             trainer.built.head,
             config.learning_rate,
             batch_source(
                 train_features,
-                trainer.y_train,
+                train_labels,
                 shuffle=True,
                 seed=config.seed,
                 class_weight=trainer.class_weight,
             ),
             batch_source(validation_features, trainer.y_validation),
+            train_count=len(train_labels),
         )
 
 
@@ -76,6 +81,8 @@ class EndToEnd(Phase):
             if config.spec.pretrained
             else f"{config.spec.name} from scratch"
         )
+        if config.spec.pretrained:
+            trainer.standardize_head(lambda: trainer.cached_features(views=1)[0])
         train, validation = trainer.image_sources()
         return PhaseInputs(
             f"Phase 1: training {what} for up to {config.epochs} epochs",
