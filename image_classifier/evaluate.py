@@ -46,15 +46,17 @@ def compute_metrics(probabilities: np.ndarray, truth: np.ndarray, labels: list[s
 def format_report(metrics: dict) -> str:
     """The per-class table printed at the end of training."""
     labels = list(metrics["per_class"])
-    width = max(len("class"), *(len(label) for label in labels), len("macro avg"))
-    lines = [f"{'class':<{width}}  precision  recall     f1  support"]
+    from .text import column_width, pad
+
+    width = column_width("class", *labels, "macro avg")
+    lines = [f"{pad('class', width)}  precision  recall     f1  support"]
     for label, row in metrics["per_class"].items():
         lines.append(
-            f"{label:<{width}}  {row['precision']:>9.3f}  {row['recall']:>6.3f}  {row['f1']:>5.3f}  {row['support']:>7}"
+            f"{pad(label, width)}  {row['precision']:>9.3f}  {row['recall']:>6.3f}  {row['f1']:>5.3f}  {row['support']:>7}"
         )
     macro = metrics["macro_avg"]
     lines.append(
-        f"{'macro avg':<{width}}  {macro['precision']:>9.3f}  {macro['recall']:>6.3f}  {macro['f1']:>5.3f}"
+        f"{pad('macro avg', width)}  {macro['precision']:>9.3f}  {macro['recall']:>6.3f}  {macro['f1']:>5.3f}"
         f"  {metrics['test_count']:>7}"
     )
     return "\n".join(lines)

@@ -246,14 +246,16 @@ def format_table(predictions: Sequence[Prediction], top_k: int) -> str:
             rows.append([prediction.source, *cells, "uncertain" if prediction.uncertain else ""])
         else:
             rows.append([prediction.source, f"skipped: {prediction.error}"])
-    widths = [len(text) for text in header]
+    from .text import column_width, display_width, pad
+
+    widths = [display_width(text) for text in header]
     for row in rows:
         if len(row) == len(header):
-            widths = [max(width, len(text)) for width, text in zip(widths, row, strict=True)]
-    widths[0] = max(len(header[0]), *(len(row[0]) for row in rows))
+            widths = [max(width, display_width(text)) for width, text in zip(widths, row, strict=True)]
+    widths[0] = column_width(header[0], *(row[0] for row in rows))
     lines = []
     for row in [header, *rows]:
-        padded = [text.ljust(width) for text, width in zip(row, widths, strict=False)]
+        padded = [pad(text, width) for text, width in zip(row, widths, strict=False)]
         lines.append("  ".join(padded[: len(row)]).rstrip())
     return "\n".join(lines)
 

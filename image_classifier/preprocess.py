@@ -32,6 +32,7 @@ from .errors import UserError
 from .images import RESIZE_MODES, ImageError, list_image_files, load_array, perceptual_hash
 from .options import Declaration, declared
 from .splits import MIN_IMAGES_PER_CLASS, SPLITS, SplitItem, assign_splits
+from .text import column_width, pad
 
 DEFAULT_IMAGE_SIZE = 224
 DEFAULT_RESIZE = "squash"
@@ -592,12 +593,12 @@ def _install(work: Path, folder: Path) -> None:
 def summarize(dataset: Dataset, files: Sequence[SourceFile], seconds: float) -> str:
     """Per-class counts per split, and what was left out and why."""
     info = dataset.info
-    width = max(len("category"), *(len(label) for label in dataset.labels))
-    lines = [f"{'category':<{width}}  {'train':>7}  {'validation':>10}  {'test':>6}"]
+    width = column_width("category", *dataset.labels)
+    lines = [f"{pad('category', width)}  {'train':>7}  {'validation':>10}  {'test':>6}"]
     for label in [*dataset.labels, "total"]:
         key = "total" if label == "total" else label
         lines.append(
-            f"{label:<{width}}  {info['counts']['train'][key]:>7}  {info['counts']['validation'][key]:>10}"
+            f"{pad(label, width)}  {info['counts']['train'][key]:>7}  {info['counts']['validation'][key]:>10}"
             f"  {info['counts']['test'][key]:>6}"
         )
     stats = info["files"]
