@@ -14,10 +14,11 @@
 
 FROM debian:bookworm-slim AS python
 # Debian's python3 is 3.11 on bookworm. ca-certificates: Keras weight downloads and image search use https.
-# graphviz: the architecture diagrams of scripts/summary.py (about 70 MB).
+# graphviz: the architecture diagrams of scripts/summary.py (about 70 MB). fonts-noto-cjk: figures draw
+# Japanese, Chinese and Korean category names instead of boxes (about 90 MB).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 ca-certificates graphviz \
+    && apt-get install -y --no-install-recommends python3 ca-certificates graphviz fonts-noto-cjk \
     && rm -rf /var/lib/apt/lists/*
 
 

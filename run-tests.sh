@@ -5,7 +5,8 @@
 #   ./run-tests.sh -m "not slow"   # skip the few slow tests (real photos, Docker build); extra args go to pytest
 #
 # System packages (Debian/Ubuntu, needs root or sudo, installed only when missing): graphviz for model
-# diagrams, chromium for the TensorBoard browser check, docker.io and debootstrap for the Docker test.
+# diagrams, chromium for the TensorBoard browser check, docker.io and debootstrap for the Docker test,
+# fonts-noto-cjk so figures draw Japanese, Chinese and Korean labels.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -16,6 +17,7 @@ command -v dot >/dev/null || missing+=(graphviz)
 command -v chromium >/dev/null || missing+=(chromium)
 command -v dockerd >/dev/null || missing+=(docker.io)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
+ls /usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc >/dev/null 2>&1 || missing+=(fonts-noto-cjk)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "Installing system packages: ${missing[*]}"
   $sudo apt-get update -q

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
+from .fonts import use_fonts_for
+
 
 def compute_metrics(probabilities: np.ndarray, truth: np.ndarray, labels: list[str]) -> dict:
     """Everything metrics.json holds, from predicted probabilities and true class ids."""
@@ -82,4 +84,4 @@ def confusion_matrix_figure(metrics: dict) -> Figure:
         axes.text(
             column, row, str(count), ha="center", va="center", color="white" if count > threshold else "black"
         )
-    return figure
+    return use_fonts_for(figure)

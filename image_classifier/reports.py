@@ -25,6 +25,7 @@ from matplotlib.ticker import MaxNLocator, PercentFormatter
 from .atomic import write_atomic
 from .config import Workspace, default_workspace
 from .errors import UserError
+from .fonts import use_fonts_for
 from .runs import RunFolder
 
 TRAINING_COLOUR = "tab:blue"
@@ -99,7 +100,7 @@ def plot_history(run: RunFolder) -> Figure:
         _style_axes(ax, key)
         ax.legend(fontsize="small")
     figure.suptitle(run.title)
-    return figure
+    return use_fonts_for(figure)
 
 
 def plot_comparison(runs: Sequence[RunFolder]) -> Figure:
@@ -136,7 +137,7 @@ def plot_comparison(runs: Sequence[RunFolder]) -> Figure:
     axes[1].legend(handles=key_handles, loc="best", fontsize="small")
     figure.legend(handles=run_handles, loc="outside lower center", fontsize="small")
     figure.suptitle(f"{len(runs)} runs compared")
-    return figure
+    return use_fonts_for(figure)
 
 
 def comparison_labels(runs: Sequence[RunFolder]) -> list[str]:
@@ -264,7 +265,7 @@ def plot_misclassified(run: RunFolder, limit: int = 24, max_columns: int = 6) ->
     if total > len(mistakes):
         text += f", the {len(mistakes)} most confident shown"
     figure.suptitle(f"{run.name}\n{text}")
-    return figure
+    return use_fonts_for(figure)
 
 
 def figure_png(figure: Figure, dpi: int = 100) -> bytes:
