@@ -3,7 +3,11 @@
 images/<category>/...          the photos (gather writes here, users may too)
 datasets/<name>/               arrays made by preprocessing (one folder per data + options)
 runs/<timestamp>-<model>/      one training run; runs/latest points at the newest
+images/exclude.txt             photos left out by review (decisions.py); the files stay where they are
+images/relabel.csv             photos used under another category (decisions.py)
+images/review/                 what clean.py flagged: review.csv, review.html, decisions.csv
 features/<name>/               backbone features computed from those arrays (features.py)
+tuning/<timestamp>/            one hyperparameter search (tune.py): trials, best.json
 engines/                       backbones converted for the fast CPU engines, once per machine (engines.py)
 keras/                         KERAS_HOME inside the container, so downloaded weights survive
 """
@@ -49,3 +53,7 @@ class Workspace:
     @property
     def latest_run(self) -> Path:
         return self.runs / "latest"
+
+    @property
+    def tuning(self) -> Path:
+        return self.root / "tuning"

@@ -28,6 +28,7 @@ import numpy as np
 from . import cli
 from .config import Workspace
 from .dataset import FORMAT_VERSION, Dataset, load_dataset
+from .decisions import read_decisions
 from .errors import UserError
 from .images import RESIZE_MODES, ImageError, list_image_files, load_array, perceptual_hash
 from .options import Declaration, declared
@@ -148,9 +149,11 @@ def discover(images_dir: Path, categories: Sequence[str]) -> list[SourceFile]:
         )
     given = all((images_dir / split).is_dir() for split in SPLITS)
     roots = [(split, images_dir / split) for split in SPLITS] if given else [(None, images_dir)]
+    decisions = read_decisions(images_dir)
+    labels = {category: label for label, category in enumerate(categories)}
     found: list[SourceFile] = []
     for split, root in roots:
-        for label, category in enumerate(categories):
+        for category in categories:
             folder = root / category
             if not folder.is_dir():
                 present = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -162,12 +165,16 @@ def discover(images_dir: Path, categories: Sequence[str]) -> list[SourceFile]:
             if not files:
                 raise UserError(f"the folder for category {category!r} ({folder}) is empty; add images to it")
             for path in files:
+                relative = path.relative_to(images_dir).as_posix()
+                used_as = decisions.category_of(relative, category)
+                if used_as not in labels:
+                    continue
                 stat = path.stat()
                 found.append(
                     SourceFile(
                         path=path,
-                        relative=path.relative_to(images_dir).as_posix(),
-                        label=label,
+                        relative=relative,
+                        label=labels[used_as],
                         given_split=split,
                         size=stat.st_size,
                         mtime_ns=stat.st_mtime_ns,
@@ -553,6 +560,7 @@ def prepare_dataset(options: PreprocessOptions, workspace: Workspace, print_fn=p
             "counts": counts,
             "files": {"total": len(files), "decoded": len(todo), "reused": reused, **status_counts},
             "near_duplicate_pairs": len(near_pairs),
+            "decisions": read_decisions(options.images_dir).summary(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         info["options"].pop("workers", None)
