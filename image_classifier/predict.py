@@ -260,24 +260,27 @@ def format_table(predictions: Sequence[Prediction], top_k: int) -> str:
     return "\n".join(lines)
 
 
+def prediction_record(prediction: Prediction) -> dict:
+    """One prediction as `--json` gives it; the server answers with the same records."""
+    if not prediction.ok:
+        return {"input": prediction.source, "error": prediction.error}
+    label, probability = prediction.top[0]
+    return {
+        "input": prediction.source,
+        "label": label,
+        "probability": round(probability, 6),
+        "uncertain": prediction.uncertain,
+        "top": [{"label": name, "probability": round(p, 6)} for name, p in prediction.top],
+    }
+
+
+def predictions_document(predictions: Sequence[Prediction], run: RunFolder, threshold: float) -> dict:
+    items = [prediction_record(prediction) for prediction in predictions]
+    return {"run": str(run.path), "labels": run.labels, "threshold": threshold, "predictions": items}
+
+
 def format_json(predictions: Sequence[Prediction], run: RunFolder, threshold: float) -> str:
-    items = []
-    for prediction in predictions:
-        if not prediction.ok:
-            items.append({"input": prediction.source, "error": prediction.error})
-            continue
-        label, probability = prediction.top[0]
-        items.append(
-            {
-                "input": prediction.source,
-                "label": label,
-                "probability": round(probability, 6),
-                "uncertain": prediction.uncertain,
-                "top": [{"label": name, "probability": round(p, 6)} for name, p in prediction.top],
-            }
-        )
-    document = {"run": str(run.path), "labels": run.labels, "threshold": threshold, "predictions": items}
-    return json.dumps(document, indent=1, ensure_ascii=False)
+    return json.dumps(predictions_document(predictions, run, threshold), indent=1, ensure_ascii=False)
 
 
 def format_csv(predictions: Sequence[Prediction], top_k: int) -> str:
