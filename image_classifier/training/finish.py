@@ -41,6 +41,7 @@ def write_config(run: RunFolder, config: TrainConfig, dataset: Dataset, distribu
                 "fingerprint": dataset.fingerprint,
                 "counts": dataset.info["counts"],
                 "splits_given": dataset.info["splits_given"],
+                "decisions": dataset.info.get("decisions"),
             },
             "distribution": {
                 "strategy": distribution.name,
