@@ -9,6 +9,7 @@ from .. import cli
 from ..engines import ENGINES
 from ..errors import UserError
 from ..models import DEFAULT_MODEL, REGISTRY, ModelSpec, check_image_size, check_weights, get_spec
+from ..openset import DEFAULT_KNOWN_RATE, known_rate_arg
 from ..options import Declaration, as_json, coerce, declared
 from ..preprocess import (
     CATEGORIES,
@@ -168,6 +169,14 @@ class TrainConfig:
     )
     class_weight: str = declared(
         _option("auto weighs rare categories up (for unbalanced folders)", choices=CLASS_WEIGHTS), "none"
+    )
+    known_rate: float = declared(
+        _option(
+            'share of the known validation photos the "none of these" check keeps; its threshold is set there',
+            type=known_rate_arg,
+            metavar="RATE",
+        ),
+        DEFAULT_KNOWN_RATE,
     )
     seed: int = declared(_option("for the split, shuffling and initial weights", type=int), 0)
     resize: str = declared(RESIZE, DEFAULT_RESIZE)
