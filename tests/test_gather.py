@@ -445,7 +445,8 @@ def test_a_retry_after_beyond_reason_gives_up_instead_of_stalling(web: Web, tmp_
     started = time.monotonic()
     with pytest.raises(FetchError) as caught:
         HttpClient(FAST).download(web.url("/busy.jpg"), tmp_path / "x.part")
-    assert caught.value.reason == "HTTP 429"
+    assert caught.value.reason == "rate limit reached"
+    assert caught.value.failure is FetchFailure.LIMIT and caught.value.status == 429
     assert "3600" in str(caught.value)
     assert time.monotonic() - started < 1
 
