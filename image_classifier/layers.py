@@ -102,3 +102,25 @@ class Standardize(keras.layers.Layer):
         std = values.std(axis=0)
         self.mean.assign(values.mean(axis=0).astype("float32"))
         self.inverse_std.assign(np.where(std > 1e-6, 1.0 / np.maximum(std, 1e-6), 1.0).astype("float32"))
+
+
+@keras.saving.register_keras_serializable(package="image_classifier")
+class Temperature(keras.layers.Layer):
+    """Softmax probabilities p -> softmax(log p / T): temperature scaling (calibration.py) saved in the model.
+
+    Equal to dividing the logits by T, so the head's own softmax layer stays as it was trained.
+    """
+
+    def __init__(self, temperature: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.temperature = float(temperature)
+
+    def call(self, inputs):
+        logits = ops.log(ops.maximum(ops.cast(inputs, "float32"), 1e-30)) / self.temperature
+        return ops.softmax(logits, axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "temperature": self.temperature}

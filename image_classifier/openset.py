@@ -8,6 +8,13 @@ validation photos so that `--known-rate` of the known photos pass.
 from __future__ import annotations
 
 import argparse
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import UserError
+from .runs import RunFolder
 
 DEFAULT_KNOWN_RATE = 0.95
 
@@ -21,3 +28,228 @@ def known_rate_arg(text: str) -> float:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"expected a number above 0 and at most 1, got {value}")
     return value
+
+
+METHODS = ("knn", "prototype", "mahalanobis", "softmax")
+DEFAULT_METHOD = "knn"
+"""Chosen by bench/open_set.py (docs/trust.md has the numbers): the most rejected unknowns at 95% kept."""
+FILE = "openset.npz"
+MAX_BYTES = 4_000_000
+"""The nearest-neighbour references are float16 rows, subsampled (every class alike) to stay this small."""
+
+
+def normalized(rows: np.ndarray) -> np.ndarray:
+    rows = np.asarray(rows, np.float32)
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+
+
+@dataclass(frozen=True)
+class OpenSet:
+    """What one method needs to score a photo's embedding (higher: more like the training photos), and the
+    threshold below which a photo is "none of these"."""
+
+    method: str
+    arrays: dict[str, np.ndarray]
+    threshold: float = float("-inf")
+    known_rate: float = DEFAULT_KNOWN_RATE
+
+    @classmethod
+    def fit(
+        cls, method: str, embeddings: np.ndarray, labels: np.ndarray, classes: int, seed: int = 0
+    ) -> OpenSet:
+        """Fitted on the training photos' embeddings (the input of the head's last layer) and labels."""
+        if method not in METHODS:
+            raise UserError(f"unknown open-set method {method!r}; choose from {', '.join(METHODS)}")
+        labels = np.asarray(labels)
+        if method == "knn":
+            return cls(method, {"references": _references(normalized(embeddings), labels, seed)})
+        if method == "prototype":
+            means = np.stack([normalized(embeddings)[labels == c].mean(axis=0) for c in range(classes)])
+            return cls(method, {"prototypes": normalized(means).astype(np.float32)})
+        if method == "mahalanobis":
+            return cls(method, _gaussian(np.asarray(embeddings, np.float64), labels, classes))
+        return cls(method, {})
+
+    def scores(self, embeddings: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+        """One known score per photo: cosine similarity (knn, prototype), minus the squared Mahalanobis
+        distance to the nearest class, or the top probability (softmax)."""
+        if self.method == "softmax":
+            return np.asarray(probabilities, np.float64).max(axis=1)
+        if self.method == "mahalanobis":
+            whitening = self.arrays["whitening"].astype(np.float64)
+            rows = np.asarray(embeddings, np.float64) @ whitening
+            means = self.arrays["means"].astype(np.float64) @ whitening
+            squared = (rows**2).sum(1)[:, None] - 2 * rows @ means.T + (means**2).sum(1)[None]
+            return -squared.min(axis=1)
+        key = "references" if self.method == "knn" else "prototypes"
+        similarity = normalized(embeddings) @ self.arrays[key].astype(np.float32).T
+        return similarity.max(axis=1).astype(np.float64)
+
+    def with_threshold(self, validation_scores: np.ndarray, known_rate: float) -> OpenSet:
+        """The threshold that keeps `known_rate` of the (known) validation photos."""
+        threshold = float(np.quantile(np.asarray(validation_scores), 1.0 - known_rate, method="lower"))
+        return OpenSet(self.method, self.arrays, threshold, known_rate)
+
+    def known(self, scores: np.ndarray) -> np.ndarray:
+        return np.asarray(scores) >= self.threshold
+
+    def describe(self) -> str:
+        return (
+            f'"none of these" check: {self.method} score, threshold {self.threshold:.4g} (keeps '
+            f"{self.known_rate:.0%} of the known validation photos)"
+        )
+
+    def save(self, run: RunFolder) -> None:
+        meta = {"method": self.method, "threshold": self.threshold, "known_rate": self.known_rate}
+        run.write_arrays(FILE, meta=np.array(json.dumps(meta)), **self.arrays)
+
+    @classmethod
+    def load(cls, run: RunFolder) -> OpenSet | None:
+        """The run's check, or None for a run trained before the check existed."""
+        arrays = run.read_arrays(FILE)
+        if arrays is None:
+            return None
+        meta = json.loads(str(arrays.pop("meta")))
+        return cls(meta["method"], arrays, float(meta["threshold"]), float(meta["known_rate"]))
+
+
+def _references(rows: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
+    """Every training row, or an equal share of each class's rows when all would exceed MAX_BYTES."""
+    limit = max(1, MAX_BYTES // (2 * rows.shape[1]))
+    if len(rows) > limit:
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(rows))
+        ranks = np.empty(len(rows), int)
+        for value in np.unique(labels):
+            members = order[labels[order] == value]
+            ranks[members] = np.arange(len(members))
+        rows = rows[np.sort(np.argsort(ranks, kind="stable")[:limit])]
+    return rows.astype(np.float16)
+
+
+def _gaussian(embeddings: np.ndarray, labels: np.ndarray, classes: int) -> dict[str, np.ndarray]:
+    """Class means and a whitening matrix of the shared covariance (Ledoit-Wolf shrinkage: there are
+    usually fewer photos than feature dimensions), as in Lee et al. 2018."""
+    from sklearn.covariance import LedoitWolf
+
+    means = np.stack([embeddings[labels == c].mean(axis=0) for c in range(classes)])
+    centred = embeddings - means[labels]
+    covariance = LedoitWolf(assume_centered=True).fit(centred).covariance_
+    values, vectors = np.linalg.eigh(covariance)
+    whitening = vectors / np.sqrt(np.maximum(values, 1e-12))
+    return {"means": means.astype(np.float32), "whitening": whitening.astype(np.float32)}
+
+
+class Embedder:
+    """A run's model as probabilities plus the embedding the check compares: the input of the head's last
+    Dense layer, what the classifier itself sees (a backbone's pooled features when the head has no hidden
+    layers). Backbone features come from features.py; a model trained from scratch runs up to its head."""
+
+    def __init__(self, model, features=None) -> None:
+        from .tf_env import import_keras
+
+        keras = import_keras()
+        head = model.get_layer("head")
+        self.head = keras.Model(head.input, [head.output, head.get_layer("predictions").input])
+        self.front = (
+            None if features is not None else keras.Model(model.input, model.get_layer("flatten").output)
+        )
+        self.features = features
+
+    def of_features(self, features: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        parts = [self.head(np.asarray(features[start : start + batch_size], np.float32), training=False)
+                 for start in range(0, len(features), batch_size)]  # fmt: skip
+        if not parts:
+            return np.zeros((0, self.head.output[0].shape[-1])), np.zeros((0, self.head.output[1].shape[-1]))
+        return tuple(np.concatenate([np.asarray(part[i]) for part in parts]) for i in (0, 1))
+
+    def of_images(self, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 photos as load_array makes them -> (probabilities, embeddings)."""
+        if self.features is not None:
+            return self.of_features(self.features.of_images(images, batch_size))
+        rows = [np.asarray(self.front(np.asarray(images[start : start + batch_size], np.float32), training=False))
+                for start in range(0, len(images), batch_size)]  # fmt: skip
+        return self.of_features(np.concatenate(rows) if rows else np.zeros((0, self.front.output.shape[-1])))
+
+    def of_split(self, dataset, split: str, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        if self.features is not None:
+            return self.of_features(self.features.of_split(dataset, split, batch_size))
+        return self.of_images(dataset.arrays(split)[0], batch_size)
+
+
+def trainer_embedder(trainer, model) -> Embedder:
+    """The trained model's Embedder: the cached features of the frozen backbone, or (fine-tuned) the
+    backbone as it is now, run by Keras itself once over the splits (no cache: nothing reuses them)."""
+    config = trainer.config
+    if not config.spec.pretrained:
+        return Embedder(model)
+    if not config.fine_tunes:
+        return Embedder(model, trainer.features)
+    from .features import BackboneFeatures, split_model
+
+    features = BackboneFeatures(
+        split_model(model)[0], config.spec.name, config.image_size, trainer.workspace, "keras",
+        trainer.print_fn, writes=False, layers=tuple(config.feature_layers),
+    )  # fmt: skip
+    return Embedder(model, features)
+
+
+@dataclass(frozen=True)
+class RunChecks:
+    """What fit_checks found: the calibrated model and the numbers metrics.json gets."""
+
+    model: object
+    metrics: dict
+
+
+def fit_checks(trainer, model) -> RunChecks:
+    """After training, before the test evaluation: temperature scaling and the "none of these" check, both
+    fitted on the training and validation photos, saved into the run (openset.npz, reliability.png)."""
+    from . import calibration as calibrating
+    from .reports import save_figure
+
+    run, dataset, config = trainer.run, trainer.dataset, trainer.config
+    embedder = trainer_embedder(trainer, model)
+    outputs = {
+        split: embedder.of_split(dataset, split, config.batch_size)
+        for split in ("train", "validation", "test")
+    }
+    truth = {split: np.asarray(dataset.arrays(split)[1]) for split in outputs}
+    temperature = calibrating.fit_temperature(outputs["validation"][0], truth["validation"])
+    test_probabilities = calibrating.scaled(outputs["test"][0], temperature)
+    metrics = {"calibration": calibrating.calibration_metrics(
+        temperature, (outputs["validation"][0], truth["validation"]), (test_probabilities, truth["test"])
+    )}  # fmt: skip
+    before = calibrating.reliability(outputs["test"][0], truth["test"])
+    figure = calibrating.reliability_figure(
+        before, calibrating.reliability(test_probabilities, truth["test"]), run.title
+    )
+    save_figure(figure, run.file("reliability.png"))
+    check = _fit_check(config, outputs, truth, temperature, len(dataset.labels))
+    if check is not None:
+        check.save(run)
+        test_scores = check.scores(outputs["test"][1], test_probabilities)
+        metrics["open_set"] = {
+            "method": check.method, "threshold": round(check.threshold, 6), "known_rate": check.known_rate,
+            "test_known_rate": round(float(check.known(test_scores).mean()), 4) if len(test_scores) else None,
+            "bytes": run.file(FILE).stat().st_size,
+        }  # fmt: skip
+        trainer.print_fn(check.describe())
+    else:
+        trainer.print_fn('No "none of these" check: the validation split is empty')
+    calibration = metrics["calibration"]
+    trainer.print_fn(
+        f"Calibration: temperature {temperature:.3g}; expected calibration error on the test photos "
+        f"{calibration['test_ece_before']:.1%} before, {calibration['test_ece_after']:.1%} after"
+    )
+    return RunChecks(calibrating.with_temperature(model, temperature), metrics)
+
+
+def _fit_check(config, outputs: dict, truth: dict, temperature: float, classes: int) -> OpenSet | None:
+    from .calibration import scaled
+
+    if len(truth["validation"]) == 0:
+        return None
+    check = OpenSet.fit(DEFAULT_METHOD, outputs["train"][1], truth["train"], classes, config.seed)
+    validation = check.scores(outputs["validation"][1], scaled(outputs["validation"][0], temperature))
+    return check.with_threshold(validation, getattr(config, "known_rate", DEFAULT_KNOWN_RATE))

@@ -55,6 +55,10 @@ class Prediction:
     """(label, probability), most likely first; empty when the input could not be used."""
     error: str | None = None
     uncertain: bool = False
+    known: bool | None = None
+    """False: "none of these" (the photo is unlike every category; top[0] is only the closest); None: the run
+    has no check (trained before it existed)."""
+    known_score: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -90,9 +94,14 @@ class Predictor:
     """A run's model, loaded on first use: inputs that are all unreadable never wait for TensorFlow."""
 
     def __init__(self, run: RunFolder) -> None:
+        from .openset import OpenSet
+
         self.run = run
+        self.check = OpenSet.load(run)
+        """The run's "none of these" check, None for a run trained before it existed."""
         self._model = None
         self._backbone = None
+        self._embedder = None
 
     @property
     def model(self):
@@ -109,14 +118,42 @@ class Predictor:
             self._model = model
         return self._model
 
+    @property
+    def cannot_judge(self) -> str | None:
+        """The one line to show when the run cannot tell "none of these", else None."""
+        if self.check is not None:
+            return None
+        return (
+            f'run {self.run.name} cannot judge "none of these" (trained before the check existed): every photo '
+            "gets its closest category; train again to have it"
+        )
+
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """uint8 images, N x size x size x 3 (as load_array makes them) -> N x classes.
 
         A backbone's features come from features.py (the fast engine) and go through the model's own head:
         the same function as the whole model, which runs as it is for models trained from scratch.
         """
+        return self.outputs(images)[0]
+
+    def outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 images -> (probabilities N x classes, known scores N or None when the run has no check)."""
+        if self.check is not None:
+            if self._embedder is None:
+                from .openset import Embedder
+
+                self._embedder = Embedder(self.model, self._backbone_features())
+            probabilities, embeddings = self._embedder.of_images(images)
+            return probabilities, self.check.scores(embeddings, probabilities)
         if self.run.config.get("model", {}).get("family") != "backbone":
-            return np.asarray(self.model.predict_on_batch(images.astype(np.float32)))
+            return np.asarray(self.model.predict_on_batch(images.astype(np.float32))), None
+        features = self._backbone_features()
+        return np.asarray(self._backbone[1].predict_on_batch(features.of_images(images))), None
+
+    def _backbone_features(self):
+        """The backbone's BackboneFeatures (None for a model trained from scratch), made once."""
+        if self.run.config.get("model", {}).get("family") != "backbone":
+            return None
         if self._backbone is None:
             from .features import BackboneFeatures, split_model
 
@@ -127,8 +164,24 @@ class Predictor:
                 layers=tuple(self.run.options.get("feature_layers") or ("final",)),
             )  # fmt: skip
             self._backbone = (features, head)
-        features, head = self._backbone
-        return np.asarray(head.predict_on_batch(features.of_images(images)))
+        return self._backbone[0]
+
+    def predictions(
+        self, names: Sequence[str], images: np.ndarray, top_k: int = DEFAULT_TOP_K, threshold: float = 0.0
+    ) -> list[Prediction]:
+        """One Prediction per image (uint8, as load_array makes them), `names` naming them."""
+        probabilities, scores = self.outputs(images) if len(images) else (np.zeros((0, 0)), None)
+        labels, top_k = self.run.labels, min(top_k, len(self.run.labels))
+        predictions = []
+        for index, (name, row) in enumerate(zip(names, probabilities, strict=True)):
+            order = np.argsort(-row, kind="stable")[:top_k]
+            top = [(labels[i], float(row[i])) for i in order]
+            score = None if scores is None else float(scores[index])
+            known = None if score is None else bool(self.check.known(np.array([score]))[0])
+            predictions.append(
+                Prediction(name, top, uncertain=top[0][1] < threshold, known=known, known_score=score)
+            )
+        return predictions
 
     def read(self, source: PredictInput, client: HttpClient, downloads: Path) -> np.ndarray | str:
         """The image as the model's input array, or the reason it cannot be used."""
@@ -214,24 +267,26 @@ def _predict_batch(
     predictor: Predictor, batch: list[tuple[PredictInput, Future]], top_k: int, threshold: float, bar
 ) -> list[Prediction]:
     read = [(source, future.result()) for source, future in batch]
-    good = [array for _, array in read if isinstance(array, np.ndarray)]
-    probabilities = iter(predictor.probabilities(np.stack(good)) if good else [])
-    labels = predictor.run.labels
-    predictions = []
-    for source, array in read:
-        if isinstance(array, str):
-            predictions.append(Prediction(source=source.name, error=array))
-            continue
-        row = next(probabilities)
-        order = np.argsort(-row, kind="stable")[:top_k]
-        top = [(labels[index], float(row[index])) for index in order]
-        predictions.append(Prediction(source=source.name, top=top, uncertain=top[0][1] < threshold))
+    good = [(source.name, array) for source, array in read if isinstance(array, np.ndarray)]
+    images = np.stack([array for _, array in good]) if good else np.zeros((0, 1, 1, 3), np.uint8)
+    made = iter(predictor.predictions([name for name, _ in good], images, top_k, threshold))
+    predictions = [
+        Prediction(source=source.name, error=array) if isinstance(array, str) else next(made)
+        for source, array in read
+    ]
     bar.update(len(batch))
     return predictions
 
 
 def _percent(probability: float) -> str:
     return f"{probability * 100:.1f}%"
+
+
+def _note(prediction: Prediction) -> str:
+    notes = [f"none of these (known score {prediction.known_score:.3f})"] if prediction.known is False else []
+    if prediction.uncertain:
+        notes.append("uncertain")
+    return ", ".join(notes)
 
 
 def format_table(predictions: Sequence[Prediction], top_k: int) -> str:
@@ -242,8 +297,10 @@ def format_table(predictions: Sequence[Prediction], top_k: int) -> str:
     for prediction in predictions:
         if prediction.ok:
             cells = [f"{label} {_percent(p)}" for label, p in prediction.top]
+            if prediction.known is False:
+                cells[0] = f"unknown (closest: {cells[0]})"
             cells += [""] * (ranks - len(cells))
-            rows.append([prediction.source, *cells, "uncertain" if prediction.uncertain else ""])
+            rows.append([prediction.source, *cells, _note(prediction)])
         else:
             rows.append([prediction.source, f"skipped: {prediction.error}"])
     from .text import column_width, display_width, pad
@@ -270,13 +327,22 @@ def prediction_record(prediction: Prediction) -> dict:
         "label": label,
         "probability": round(probability, 6),
         "uncertain": prediction.uncertain,
+        "known": prediction.known,
+        "known_score": None if prediction.known_score is None else round(prediction.known_score, 6),
         "top": [{"label": name, "probability": round(p, 6)} for name, p in prediction.top],
     }
 
 
 def predictions_document(predictions: Sequence[Prediction], run: RunFolder, threshold: float) -> dict:
+    """The --json document; "known_check" describes the run's "none of these" check (null: it has none)."""
     items = [prediction_record(prediction) for prediction in predictions]
-    return {"run": str(run.path), "labels": run.labels, "threshold": threshold, "predictions": items}
+    return {
+        "run": str(run.path),
+        "labels": run.labels,
+        "threshold": threshold,
+        "known_check": run.metrics.get("open_set"),
+        "predictions": items,
+    }
 
 
 def format_json(predictions: Sequence[Prediction], run: RunFolder, threshold: float) -> str:
@@ -284,7 +350,8 @@ def format_json(predictions: Sequence[Prediction], run: RunFolder, threshold: fl
 
 
 def format_csv(predictions: Sequence[Prediction], top_k: int) -> str:
-    """One row per input: label_1, probability_1 ... label_k, probability_k, uncertain, error."""
+    """One row per input: label_1, probability_1 ... label_k, probability_k, uncertain, known, known_score,
+    error (known is 1, 0 for "none of these", or empty when the run cannot judge)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     ranks = range(1, top_k + 1)
@@ -293,6 +360,8 @@ def format_csv(predictions: Sequence[Prediction], top_k: int) -> str:
             "input",
             *(f"{what}_{rank}" for rank in ranks for what in ("label", "probability")),
             "uncertain",
+            "known",
+            "known_score",
             "error",
         ]
     )
@@ -305,7 +374,9 @@ def format_csv(predictions: Sequence[Prediction], top_k: int) -> str:
             else:
                 cells += ["", ""]
         uncertain = "" if not prediction.ok else str(int(prediction.uncertain))
-        writer.writerow([prediction.source, *cells, uncertain, prediction.error or ""])
+        known = "" if prediction.known is None else str(int(prediction.known))
+        score = "" if prediction.known_score is None else f"{prediction.known_score:.6f}"
+        writer.writerow([prediction.source, *cells, uncertain, known, score, prediction.error or ""])
     return buffer.getvalue()
 
 
@@ -334,6 +405,8 @@ def run_predict(
     run = RunFolder.find(workspace, options.run)
     sources = collect_sources(options.inputs)
     predictor = Predictor(run)
+    if predictor.cannot_judge:
+        print(f"note: {predictor.cannot_judge}", file=err)
     predictions = predict_sources(
         predictor,
         sources,
@@ -351,12 +424,15 @@ def run_predict(
         print(format_table(predictions, top_k), file=out)
     predicted = sum(p.ok for p in predictions)
     uncertain = sum(p.ok and p.uncertain for p in predictions)
+    unknown = sum(p.ok and p.known is False for p in predictions)
     skipped = len(predictions) - predicted
     if not predicted:
         raise UserError(f"none of the {skipped} inputs could be used as an image (reasons above)")
     summary = f"Predicted {predicted} image{'s' if predicted != 1 else ''} with run {run.path.name}"
     if options.threshold:
         summary += f"; {uncertain} uncertain (top probability below {_percent(options.threshold)})"
+    if predictor.check is not None:
+        summary += f'; {unknown} unknown ("none of these")'
     if skipped:
         summary += f"; skipped {skipped} input{'s' if skipped != 1 else ''} that could not be used"
     print(summary, file=err)

@@ -3,6 +3,7 @@
 runs/<YYYYmmdd-HHMMSS>-<model>/
     model.keras  labels.json  config.json  metrics.json  confusion_matrix.png
     history.pickle  history.json  training_log.csv  test_predictions.csv  logs/ (TensorBoard)
+    openset.npz (the "none of these" check)  reliability.png (calibration, before and after)
     backup/ (only while training: what --resume continues from, see training/backup.py)
 runs/latest -> the newest finished run
 
@@ -12,6 +13,7 @@ it has a config.json and is not finished. `latest` means runs/latest, else the n
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -20,6 +22,8 @@ import time
 from functools import cached_property
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .atomic import save_model_atomic, write_atomic, write_json, write_pickle
 from .config import Workspace
@@ -290,6 +294,23 @@ class RunFolder:
     def write_bytes(self, name: str, data: bytes) -> Path:
         write_atomic(self.path / name, data)
         return self.path / name
+
+    def write_arrays(self, name: str, **arrays) -> Path:
+        """Named numpy arrays in one .npz file (openset.npz: the "none of these" check), written whole."""
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        return self.write_bytes(name, buffer.getvalue())
+
+    def read_arrays(self, name: str) -> dict | None:
+        """The arrays of a .npz file of the run, or None when the run has none (made before it existed)."""
+        path = self.path / name
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                return {key: stored[key] for key in stored.files}
+        except (OSError, ValueError) as error:
+            raise UserError(f"{path} cannot be read ({error}); train the run again") from None
 
     def write_history(self, history: dict[str, list[float]]) -> None:
         write_pickle(self.path / "history.pickle", history)

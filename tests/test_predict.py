@@ -146,6 +146,8 @@ def test_table_csv_and_threshold(cnn_run, tmp_path):
         "label_3",
         "probability_3",
         "uncertain",
+        "known",
+        "known_score",
         "error",
     ]
     assert [row["uncertain"] for row in rows] == [

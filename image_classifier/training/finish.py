@@ -60,16 +60,19 @@ def write_config(run: RunFolder, config: TrainConfig, dataset: Dataset, distribu
 def finish_run(trainer, model) -> None:
     """The chief's last step: the model, history, test evaluation and reports, then the backup goes."""
     from ..evaluate import compute_metrics, confusion_matrix_figure
+    from ..openset import fit_checks
     from ..reports import save_figure
     from ..tensorboard_logging import log_run_summaries
 
     run, dataset, state = trainer.run, trainer.dataset, trainer.state
+    checks = fit_checks(trainer, model)  # calibration and "none of these", fitted before the test evaluation
+    model = checks.model
     run.save_model(model)
     run.write_history(state.history)
     seconds = trainer.backup.elapsed()
     y_test = dataset.arrays("test")[1]
     probabilities = _test_probabilities(trainer, model)
-    metrics = compute_metrics(probabilities, np.asarray(y_test), dataset.labels)
+    metrics = compute_metrics(probabilities, np.asarray(y_test), dataset.labels) | checks.metrics
     metrics["training"] = {
         "epochs_run": len(state.history.get("loss", [])),
         "best_epoch": trainer.checkpoint.best_epoch,
