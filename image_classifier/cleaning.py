@@ -49,6 +49,7 @@ from .preprocess import (
     SPLIT,
     WORKERS,
     PreprocessOptions,
+    discover,
     prepare_dataset,
 )
 from .splits import SPLITS
@@ -282,11 +283,19 @@ def duplicate_flags(dataset: Dataset) -> list[Flag]:
 
 
 def rank_photos(options: CleanOptions, workspace: Workspace, print_fn: PrintFn = print) -> Review:
-    """Prepare the photos (or reuse the arrays), then flag and score every one of them."""
+    """Prepare the photos (or reuse the arrays), then flag and score every one of them. The folds are
+    checked on the file list first, so too few photos change nothing in the workspace."""
     if options.images_dir.resolve() == workspace.images.resolve() and "review" in options.categories:
         raise UserError(
             "a category cannot be called 'review' here: images/review/ holds the review; rename it"
         )
+    found = discover(options.images_dir, options.categories)
+    check_folds(
+        np.array([f.label for f in found], np.int64),
+        list(options.categories),
+        options.folds,
+        options.images_dir,
+    )
     dataset = prepare_dataset(options.preprocess_options(), workspace, print_fn=print_fn)
     files, labels = dataset_rows(dataset)
     check_folds(labels, dataset.labels, options.folds, options.images_dir)
