@@ -3,7 +3,7 @@
 
 Examples:
   gather_images.py --categories cat,dog,horse --limit 200
-  gather_images.py --categories cat,dog --query cat="house cat" --query cat=kitten --source wikimedia
+  gather_images.py --categories cat,dog --query cat="house cat" --source wikimedia --contact you@example.org
   gather_images.py --urls my_urls.csv            (rows of category,url)
   gather_images.py --from ~/Pictures/pets        (one subfolder per category; a .zip works too)
 """
@@ -17,14 +17,16 @@ from pathlib import Path
 
 from image_classifier import cli
 from image_classifier.gathering.run import (
+    DEFAULT_MAX_WAIT,
     DEFAULT_MIN_SIDE,
+    DEFAULT_PER_HOST,
     DEFAULT_SOURCE,
     DEFAULT_WORKERS,
     GatherOptions,
     gather,
     parse_query,
 )
-from image_classifier.gathering.sources import DEFAULT_LIMIT, SOURCES
+from image_classifier.gathering.sources import DEFAULT_LIMIT, LICENCES, SOURCES
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -80,7 +82,31 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="folder or .zip with one subfolder of images per category (--source folder or zip); only read",
     )
     parser.add_argument(
+        "--license",
+        choices=LICENCES,
+        default="any",
+        help="only photos whose licence allows commercial use (no NC) or changes (no ND); searches only",
+    )
+    parser.add_argument(
+        "--contact",
+        metavar="EMAIL_OR_URL",
+        help="how Wikimedia can reach you, sent in the User-Agent (required by --source wikimedia, "
+        "or set GATHER_USER_AGENT)",
+    )
+    parser.add_argument(
         "--workers", type=cli.positive_int, default=DEFAULT_WORKERS, help="downloads at the same time"
+    )
+    parser.add_argument(
+        "--per-host",
+        type=cli.positive_int,
+        default=DEFAULT_PER_HOST,
+        help="downloads at the same time from one host (upload.wikimedia.org: at most 2)",
+    )
+    parser.add_argument(
+        "--max-wait",
+        type=cli.positive_float,
+        default=DEFAULT_MAX_WAIT,
+        help="longest wait in seconds a rate limit may ask for; a longer one stops that source until a re-run",
     )
     parser.add_argument(
         "--min-side",

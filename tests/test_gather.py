@@ -1,16 +1,14 @@
 """The gather stage against a real HTTP server on 127.0.0.1 that misbehaves on purpose.
 
-The server answers in the documented formats of the Wikimedia Commons Action API (formatversion=2) and the
-Openverse v1 image search, serves real JPEGs, and fails in the ways the web does: 404, 500 then success,
-429 with Retry-After, answers slower than the timeout, HTML instead of an image, oversized bodies,
-redirect loops and redirects to other schemes. Nothing here reaches beyond this machine: name lookups
-of any other host fail the test.
+The server (tests/fake_services.py) answers in the documented formats of the Wikimedia Commons Action API
+(formatversion=2), the Openverse v1 image search and DuckDuckGo's image search, serves real JPEGs, and
+fails in the ways the web does: 404, 500 then success, 429 with Retry-After, answers slower than the
+timeout, HTML instead of an image, oversized bodies, redirect loops and redirects to other schemes. The
+services' own rules (rate limits, User-Agent, per-host limits) are tested in test_gather_services.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import hashlib
 import importlib.util
 import io
@@ -24,14 +22,29 @@ import threading
 import time
 import zipfile
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
-import numpy as np
+import fake_services
 import pytest
+from fake_services import (
+    FAST,
+    Handler,
+    Listing,
+    Web,
+    endless,
+    image,
+    in_turn,
+    jpeg,
+    manifest,
+    no_partial_files,
+    redirect,
+    respond,
+    run_gather,
+    slow,
+    status,
+    stored,
+    trickle,
+)
 from PIL import Image
 
 from image_classifier.config import Workspace
@@ -45,338 +58,15 @@ from image_classifier.gathering.download import (
     retry_after_seconds,
     sniff_image,
 )
-from image_classifier.gathering.run import GatherOptions, gather, image_reason
+from image_classifier.gathering.run import image_reason
 from image_classifier.gathering.store import IMAGES_MANIFEST_FIELDS, read_manifest
 from image_classifier.images import inspect
 
+only_this_machine = fake_services.only_this_machine
+web = fake_services.web
+workspace = fake_services.workspace
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gather_images.py"
-FAST = FetchPolicy(timeout=0.4, max_time=3.0, retries=1, backoff=0.01, max_wait=5.0, max_bytes=300_000)
-
-
-def jpeg(seed: int, size: tuple[int, int] = (96, 80)) -> bytes:
-    """A real, distinct photo-like JPEG (noise, so every seed hashes differently)."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=80)
-    return buffer.getvalue()
-
-
-Responder = Callable[["Handler", dict], None]
-
-
-def respond(
-    handler: Handler,
-    status: int = 200,
-    body: bytes = b"",
-    ctype: str = "image/jpeg",
-    headers: dict | None = None,
-    length: bool = True,
-) -> None:
-    handler.send_response(status)
-    if ctype:
-        handler.send_header("Content-Type", ctype)
-    if length:
-        handler.send_header("Content-Length", str(len(body)))
-    for key, value in (headers or {}).items():
-        handler.send_header(key, value)
-    handler.end_headers()
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-        handler.wfile.write(body)
-
-
-def image(body: bytes, ctype: str = "image/jpeg") -> Responder:
-    return lambda handler, query: respond(handler, 200, body, ctype)
-
-
-def status(code: int, headers: dict | None = None) -> Responder:
-    page = f"<!DOCTYPE html><html><body><h1>{code}</h1></body></html>".encode()
-    return lambda handler, query: respond(handler, code, page, "text/html", headers)
-
-
-def in_turn(*responders: Responder) -> Responder:
-    """The first answer on the first request, the next on the next; the last one repeats."""
-    calls = iter(range(10**6))
-
-    def serve(handler: Handler, query: dict) -> None:
-        responders[min(next(calls), len(responders) - 1)](handler, query)
-
-    return serve
-
-
-def slow(seconds: float, then: Responder) -> Responder:
-    def serve(handler: Handler, query: dict) -> None:
-        time.sleep(seconds)
-        then(handler, query)
-
-    return serve
-
-
-def redirect(target: str, code: int = 302) -> Responder:
-    return lambda handler, query: respond(handler, code, b"", "", {"Location": target})
-
-
-def trickle(body: bytes, pause: float, pieces: int = 40) -> Responder:
-    """A real image sent a few bytes at a time, `pause` seconds apart."""
-
-    def serve(handler: Handler, query: dict) -> None:
-        handler.send_response(200)
-        handler.send_header("Content-Type", "image/jpeg")
-        handler.send_header("Content-Length", str(len(body)))
-        handler.end_headers()
-        step = max(1, len(body) // pieces)
-        try:
-            for start in range(0, len(body), step):
-                handler.wfile.write(body[start : start + step])
-                handler.wfile.flush()
-                time.sleep(pause)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-    return serve
-
-
-def endless(handler: Handler, query: dict) -> None:
-    """A JPEG header followed by more bytes than anyone should accept, without a Content-Length."""
-    handler.send_response(200)
-    handler.send_header("Content-Type", "image/jpeg")
-    handler.end_headers()
-    try:
-        handler.wfile.write(b"\xff\xd8\xff\xe0" + b"\0" * 60)
-        for _ in range(100):
-            handler.wfile.write(b"\0" * 65536)
-    except (BrokenPipeError, ConnectionResetError):
-        pass
-
-
-@dataclass
-class Listing:
-    """One search result the fake APIs return: the image's name on the server and its listed size."""
-
-    name: str
-    width: int = 96
-    height: int = 80
-
-
-class Handler(BaseHTTPRequestHandler):
-    server: Server
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-        web = self.server.web
-        parts = urlsplit(self.path)
-        query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
-        with web.lock:
-            web.hits[parts.path] += 1
-            web.requests.append((parts.path, query, dict(self.headers)))
-            web.active += 1
-            web.max_active = max(web.max_active, web.active)
-        try:
-            web.routes.get(parts.path, status(404))(self, query)
-        finally:
-            with web.lock:
-                web.active -= 1
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-    web: Web
-
-
-class Web:
-    """The local web: routes by path, a record of every request, and the two fake search APIs."""
-
-    def __init__(self) -> None:
-        self.routes: dict[str, Responder] = {}
-        self.hits: Counter = Counter()
-        self.requests: list[tuple[str, dict, dict]] = []
-        self.lock = threading.Lock()
-        self.active = 0
-        self.max_active = 0
-        self.wiki: dict[str, list[Listing]] = {}
-        self.wiki_batch = 2
-        self.openverse: dict[str, list[Listing]] = {}
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.server.web = self
-        self.routes["/w/api.php"] = self._wikimedia
-        self.routes["/v1/images/"] = self._openverse
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.server.server_port}{path}"
-
-    def add_image(self, name: str, body: bytes, ctype: str = "image/jpeg") -> str:
-        self.routes[f"/img/{name}"] = image(body, ctype)
-        return self.url(f"/img/{name}")
-
-    def queries(self, path: str) -> list[dict]:
-        return [query for seen, query, _ in self.requests if seen == path]
-
-    def _json(self, handler: Handler, body: dict) -> None:
-        respond(handler, 200, json.dumps(body).encode(), "application/json; charset=utf-8")
-
-    def _wikimedia(self, handler: Handler, q: dict) -> None:
-        """action=query&generator=search&prop=imageinfo with formatversion=2, as on commons.wikimedia.org."""
-        expected = {"action": "query", "format": "json", "formatversion": "2", "generator": "search"}
-        expected |= {"gsrnamespace": "6", "prop": "imageinfo"}
-        if any(q.get(key) != value for key, value in expected.items()) or "url" not in q.get("iiprop", ""):
-            self._json(handler, {"error": {"code": "badparams", "info": f"unexpected parameters {q}"}})
-            return
-        text = q["gsrsearch"].removesuffix(" filetype:bitmap")
-        listings = self.wiki.get(text, [])
-        offset = int(q.get("gsroffset", 0))
-        batch = listings[offset : offset + min(int(q["gsrlimit"]), self.wiki_batch)]
-        pages = []
-        for number, item in enumerate(batch, start=offset + 1):
-            title = f"File:{item.name}"
-            info = {
-                "size": 123456,
-                "width": item.width * 4,
-                "height": item.height * 4,
-                "thumburl": self.url(f"/img/{item.name}"),
-                "thumbwidth": item.width,
-                "thumbheight": item.height,
-                "url": self.url(f"/original/{item.name}"),
-                "descriptionurl": f"https://commons.wikimedia.org/wiki/{title}",
-                "descriptionshorturl": f"https://commons.wikimedia.org/w/index.php?curid={number}",
-                "mime": "image/jpeg",
-                "extmetadata": {
-                    "Artist": {
-                        "value": '<a href="//commons.wikimedia.org/wiki/User:Jane_Doe" title="User:Jane Doe">'
-                        "Jane &amp; Doe</a>",
-                        "source": "commons-desc-page",
-                    },
-                    "LicenseShortName": {
-                        "value": "CC BY-SA 4.0",
-                        "source": "commons-desc-page",
-                        "hidden": "",
-                    },
-                    "LicenseUrl": {
-                        "value": "https://creativecommons.org/licenses/by-sa/4.0",
-                        "source": "commons-desc-page",
-                        "hidden": "",
-                    },
-                },
-            }
-            pages.append(
-                {
-                    "pageid": 1000 + number,
-                    "ns": 6,
-                    "title": title,
-                    "index": number,
-                    "imagerepository": "local",
-                    "imageinfo": [info],
-                }
-            )
-        body: dict = {"batchcomplete": True, "query": {"pages": pages[::-1]}}  # the API does not sort them
-        if offset + len(batch) < len(listings):
-            body["continue"] = {"gsroffset": offset + len(batch), "continue": "gsroffset||"}
-        self._json(handler, body)
-
-    def _openverse(self, handler: Handler, q: dict) -> None:
-        """GET /v1/images/?q=&page=&page_size=, as on api.openverse.org (anonymous: page_size <= 20)."""
-        page, size = int(q.get("page", 1)), int(q.get("page_size", 20))
-        if size > 20:
-            body = {"detail": "Ensure this value is less than or equal to 20."}
-            respond(handler, 401, json.dumps(body).encode(), "application/json")
-            return
-        listings = self.openverse.get(q.get("q", ""), [])
-        chunk = listings[(page - 1) * size : page * size]
-        results = [
-            {
-                "id": f"0000000{number}-aaaa-bbbb-cccc-dddddddddddd",
-                "title": item.name,
-                "indexed_on": "2024-01-01T00:00:00Z",
-                "foreign_landing_url": f"https://www.flickr.com/photos/someone/{number}",
-                "url": self.url(f"/img/{item.name}"),
-                "creator": "Some Photographer",
-                "creator_url": "https://www.flickr.com/photos/someone",
-                "license": "by-sa",
-                "license_version": "2.0",
-                "license_url": "https://creativecommons.org/licenses/by-sa/2.0/",
-                "provider": "flickr",
-                "source": "flickr",
-                "category": "photograph",
-                "filesize": None,
-                "filetype": "jpg",
-                "tags": [{"name": "cat", "accuracy": None}],
-                "attribution": f'"{item.name}" by Some Photographer is licensed under CC BY-SA 2.0.',
-                "fields_matched": ["title"],
-                "mature": False,
-                "height": item.height,
-                "width": item.width,
-                "thumbnail": f"https://api.openverse.org/v1/images/{number}/thumb/",
-                "detail_url": f"https://api.openverse.org/v1/images/{number}/",
-                "related_url": f"https://api.openverse.org/v1/images/{number}/related/",
-            }
-            for number, item in enumerate(chunk, start=(page - 1) * size + 1)
-        ]
-        page_count = max(1, -(-len(listings) // size))
-        self._json(
-            handler,
-            {
-                "result_count": len(listings),
-                "page_count": page_count,
-                "page_size": size,
-                "page": page,
-                "results": results,
-            },
-        )
-
-
-@pytest.fixture(autouse=True)
-def only_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail loudly if anything tries to resolve a host other than this machine's loopback."""
-    real = socket.getaddrinfo
-
-    def guarded(host, *args, **kwargs):
-        if host not in ("127.0.0.1", "localhost", "::1", None):
-            raise AssertionError(f"test tried to reach {host!r}")
-        return real(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", guarded)
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture
-def web(monkeypatch: pytest.MonkeyPatch):
-    server = Web()
-    monkeypatch.setenv("WIKIMEDIA_API_URL", server.url("/w/api.php"))
-    monkeypatch.setenv("OPENVERSE_API_URL", server.url("/v1/images/"))
-    yield server
-    server.server.shutdown()
-    server.server.server_close()
-
-
-@pytest.fixture
-def workspace(tmp_path: Path) -> Workspace:
-    return Workspace(tmp_path / "workspace")
-
-
-def run_gather(workspace: Workspace, **options) -> tuple[object, str]:
-    lines: list[str] = []
-    options.setdefault("policy", FAST)
-    options.setdefault("progress", False)
-    report = gather(workspace, GatherOptions(**options), print_fn=lines.append)
-    return report, "\n".join(lines)
-
-
-def manifest(workspace: Workspace) -> list[dict]:
-    with open(workspace.images / "manifest.csv", newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
-
-
-def stored(workspace: Workspace, category: str) -> list[Path]:
-    folder = workspace.images / category
-    return sorted(path for path in folder.iterdir() if not path.name.startswith("."))
-
-
-def no_partial_files(workspace: Workspace) -> bool:
-    return not [path for path in workspace.images.rglob("*") if path.name.endswith(".part")]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -723,40 +413,19 @@ def test_openverse_refusing_a_deeper_page_ends_the_search_quietly(web: Web, work
     assert not report.categories[0].search_errors and "failed" not in text
 
 
-def test_ddg_through_the_ddgs_package(
-    web: Web, workspace: Workspace, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from ddgs.ddgs import DDGS  # the class behind the lazy `ddgs.DDGS` proxy
-    from ddgs.exceptions import DDGSException
-
+def test_ddg_through_the_ddgs_package(web: Web, workspace: Workspace) -> None:
+    """ddgs's own engine (vqd token, payload, parsing) over real HTTP to the fake DuckDuckGo."""
     for i in range(3):
         web.add_image(f"d{i}.jpg", jpeg(400 + i))
-    calls = []
-
-    def images(self, query, **kwargs):
-        calls.append((query, kwargs))
-        if kwargs.get("page", 1) > 1:
-            raise DDGSException("No results found.")
-        return [
-            {
-                "title": f"A {query} {i}",
-                "image": web.url(f"/img/d{i}.jpg"),
-                "thumbnail": "https://tse1.mm.bing.net/th?id=OIP.x",
-                "url": f"https://example.org/{query}/{i}.html",
-                "height": 80,
-                "width": 96,
-                "source": "Bing",
-            }
-            for i in range(3)
-        ]
-
-    monkeypatch.setattr(DDGS, "images", images)
+    web.ddg["horse"] = [Listing(f"d{i}.jpg") for i in range(3)]
     report, text = run_gather(workspace, categories=("horse",), source="ddg", limit=5)
     rows = manifest(workspace)
     assert len(rows) == 3
     assert rows[0]["source"] == "ddg" and rows[0]["licence"] == "" and rows[0]["author"] == ""
     assert rows[0]["page"].startswith("https://example.org/horse/")
-    assert calls[0][0] == "horse" and calls[0][1]["backend"] == "duckduckgo"
+    first, second = web.queries("/ddg/i.js")[:2]
+    assert first["q"] == "horse" and first["vqd"].startswith("4-") and "s" not in first
+    assert second["s"] == "100"  # the next page, which has nothing new
     assert "ddg results carry no licence" in text
 
 

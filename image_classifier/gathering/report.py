@@ -19,6 +19,10 @@ class CategoryReport:
     """Good images that were already in the folder."""
     unusable: int = 0
     """Files already in the folder that do not decode; left in place, not counted."""
+    excluded: int = 0
+    """Photos in the folder a review excluded: not counted, and never fetched again."""
+    relabeled_in: int = 0
+    """Photos in other folders a review relabeled to this category: counted here."""
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
     candidates: int = 0
@@ -33,6 +37,10 @@ class CategoryReport:
     def line(self, searches: bool) -> str:
         wanted = f" of {self.limit}" if self.limit is not None else ""
         parts = [f"{self.kept} new"] + ([f"{self.existing} already there"] if self.existing else [])
+        if self.relabeled_in:
+            parts.append(f"{self.relabeled_in} of them relabeled here by review")
+        if self.excluded:
+            parts.append(f"{self.excluded} excluded by review, not counted")
         text = f"{self.category}: {self.total}{wanted} images ({', '.join(parts)})"
         if self.skipped:
             reasons = ", ".join(f"{count} {reason}" for reason, count in self.skipped.most_common())
@@ -50,12 +58,12 @@ class CategoryReport:
             notes.append(
                 "stopped early: too many downloads failed or were duplicates; try again later or another --source"
             )
-        elif short and self.ran_out and searches:
+        elif short and self.ran_out and searches and not self.search_errors:
             notes.append(
                 f'the search ran out of results: add queries like --query {self.category}="..." '
                 "or try another --source"
             )
-        elif short and self.ran_out:
+        elif short and self.ran_out and not self.search_errors:
             notes.append("the source has no more images for it")
         return "\n".join([text, *(f"  {self.category}: {note}" for note in notes)])
 

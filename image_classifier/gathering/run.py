@@ -14,24 +14,53 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..categories import category_problem
 from ..config import Workspace
+from ..decisions import read_decisions
 from ..errors import UserError
 from ..images import ImageError, inspect
-from .download import Cancelled, FetchError, FetchFailure, FetchPolicy, HttpClient, countable
+from .download import (
+    Cancelled,
+    Clock,
+    FetchError,
+    FetchFailure,
+    FetchPolicy,
+    HttpClient,
+    countable,
+    has_contact,
+    is_transient,
+    user_agent,
+)
 from .report import CategoryReport, GatherReport
 from .sources import SOURCES, Candidate, SearchError, Source, SourceSettings, create_source
-from .store import TEMP_PREFIX, TEMP_SUFFIX, CheckedImage, ImageStore, remove_stale_temporaries
+from .store import (
+    DUPLICATE_OF,
+    FAILED,
+    KEPT,
+    REJECTED,
+    TEMP_PREFIX,
+    TEMP_SUFFIX,
+    CheckedImage,
+    ImageStore,
+    SearchProgress,
+    remove_stale_temporaries,
+)
 
 if TYPE_CHECKING:
     import argparse
 
 DEFAULT_SOURCE = "openverse"
 DEFAULT_WORKERS = 8
+DEFAULT_PER_HOST = 4
+"""Downloads at once from any one host; Wikimedia's media host gets 2 whatever this says."""
+DEFAULT_MAX_WAIT = 600.0
+"""Seconds a rate limit may make a run wait at once (--max-wait); longer is a limit reached."""
+STATE_DIR = ".gather"
+"""Inside the workspace: gather's private state (the Openverse token, owner-only)."""
 DEFAULT_MIN_SIDE = 64
 """Smaller pictures say too little to learn from; the stage skips them."""
 FAILURE_FACTOR = 5
@@ -69,11 +98,20 @@ class GatherOptions:
     min_side: int = DEFAULT_MIN_SIDE
     policy: FetchPolicy = field(default_factory=FetchPolicy)
     progress: bool = True
+    licence: str = "any"
+    contact: str = ""
+    """--contact: an email address or URL for the User-Agent (Wikimedia requires one)."""
+    clock: Clock | None = None
+    """None: real time; tests give one that jumps, so waits are honoured without taking long."""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> GatherOptions:
         policy = FetchPolicy(
-            timeout=args.timeout, retries=args.retries, max_bytes=int(args.max_mb * 1024 * 1024)
+            timeout=args.timeout,
+            retries=args.retries,
+            max_bytes=int(args.max_mb * 1024 * 1024),
+            max_wait=args.max_wait,
+            per_host=args.per_host,
         )
         return cls(
             categories=tuple(args.categories or ()),
@@ -85,6 +123,8 @@ class GatherOptions:
             workers=args.workers,
             min_side=args.min_side,
             policy=policy,
+            licence=args.license,
+            contact=args.contact or "",
         )
 
     def source_name(self) -> str:
@@ -156,12 +196,15 @@ class _Run:
         report = CategoryReport(category=category, limit=self.limit)
         self.reports.append(report)
         (self.store.root / category).mkdir(parents=True, exist_ok=True)
-        report.existing, report.unusable = self.store.check_existing(category, self.pool.map)
+        existing = self.store.check_existing(category, self.pool.map)
+        report.existing, report.unusable = existing.good, existing.unusable
+        report.excluded, report.relabeled_in = existing.excluded, existing.relabeled_in
         if self.limit is not None and report.existing >= self.limit:
             return report
         candidates = round_robin(self.source.streams(category, queries), report)
         pending: dict[Future, tuple[Candidate, Path]] = {}
         bar = _progress_bar(category, self.limit, report.existing, self.options.progress)
+        self.source.client.on_wait = _countdown(bar)
         try:
             self._download(candidates, pending, report, bar)
         except BaseException:
@@ -222,6 +265,8 @@ class _Run:
             reason = self._skip_unfetched(candidate)
             if reason:
                 report.skipped[reason] += 1
+                if reason != DOWNLOADED_BEFORE:
+                    self._note(candidate, report, REJECTED, reason=reason)
                 continue
             temp = folder / f"{TEMP_PREFIX}{uuid.uuid4().hex}{TEMP_SUFFIX}"
             pending[self.pool.submit(self._fetch_and_check, candidate, temp)] = (candidate, temp)
@@ -230,6 +275,8 @@ class _Run:
         """A reason to skip without fetching: kept in an earlier run, or listed as too small."""
         if self.source.remote and candidate.url in self.store.known_urls:
             return DOWNLOADED_BEFORE
+        if candidate.refused:
+            return candidate.refused
         sides = [side for side in (candidate.width, candidate.height) if side]
         if len(sides) == 2 and min(sides) < self.options.min_side:
             return too_small(self.options.min_side).reason
@@ -254,24 +301,37 @@ class _Run:
         except Cancelled:
             return False
         except FetchError as error:
-            report.skipped[error.reason] += 1
-            return False
+            return self._rejected(
+                candidate, report, error.reason, FAILED if is_transient(error) else REJECTED
+            )
         except ImageError as error:
-            report.skipped[image_reason(str(error))] += 1
-            return False
+            return self._rejected(candidate, report, image_reason(str(error)), REJECTED)
         except Exception as error:  # one odd file or server must not end a long run; the reason is shown
-            report.skipped[f"unexpected {type(error).__name__}"] += 1
-            return False
+            return self._rejected(candidate, report, f"unexpected {type(error).__name__}", FAILED)
+        earlier = self.store.hashes.get(checked.fetched.sha256, "")
         try:
             stored = self.store.add(checked, report.category, self.source_name, candidate)
         except FetchError as error:
-            report.skipped[error.reason] += 1
-            return False
+            return self._rejected(candidate, report, error.reason, FAILED)
         if not stored:
             report.skipped[DUPLICATE] += 1
+            self._note(candidate, report, DUPLICATE_OF, earlier)
             return False
         report.kept += 1
+        self._note(candidate, report, KEPT, self.store.hashes[checked.fetched.sha256])
         return True
+
+    def _rejected(self, candidate: Candidate, report: CategoryReport, reason: str, outcome: str) -> bool:
+        report.skipped[reason] += 1
+        self._note(candidate, report, outcome, reason=reason)
+        return False
+
+    def _note(
+        self, candidate: Candidate, report: CategoryReport, outcome: str, file: str = "", reason: str = ""
+    ) -> None:
+        """Remote URLs only: local files are read again each run, as they may have changed."""
+        if self.source.remote:
+            self.store.note_tried(candidate.url, report.category, self.source_name, outcome, file, reason)
 
 
 def _drain(pending: dict[Future, tuple[Candidate, Path]]) -> None:
@@ -281,6 +341,15 @@ def _drain(pending: dict[Future, tuple[Candidate, Path]]) -> None:
     wait(pending)
     for _, temp in pending.values():
         temp.unlink(missing_ok=True)
+
+
+def _countdown(bar: Any) -> Callable[[str, float], None]:
+    """What the progress bar shows while a rate limit is waited out."""
+
+    def show(host: str, left: float) -> None:
+        bar.set_postfix_str(f"waiting {left:.0f} s for {host} (its rate limit)" if left > 0 else "")
+
+    return show
 
 
 def _progress_bar(category: str, limit: int | None, initial: int, enabled: bool) -> Any:
@@ -330,6 +399,12 @@ def _check_options(options: GatherOptions, name: str) -> None:
         raise UserError(f"--query only applies to search sources ({searching}), not --source {name}")
     if options.workers < 1 or options.min_side < 1:
         raise UserError("--workers and --min-side must be at least 1")
+    if options.contact and not has_contact(options.contact):
+        raise UserError(
+            f"--contact {options.contact!r} is neither an email address nor a URL; give one, like you@example.org"
+        )
+    if options.licence != "any" and not cls.searches:
+        raise UserError(f"--license only filters search sources, not --source {name}; drop --license")
 
 
 def _queries_by_category(options: GatherOptions, categories: Sequence[str]) -> dict[str, list[str]]:
@@ -361,8 +436,11 @@ def _fail_when_no_search_worked(report: GatherReport, name: str) -> None:
     """When every search failed and nothing is in the folders, the run failed: say so with an exit status."""
     failed = [item for item in report.categories if item.search_errors and not item.candidates]
     if failed and len(failed) == len(report.categories) and not any(item.total for item in failed):
+        first = failed[0].search_errors[0]
+        if "(" in first.rsplit(":", 1)[-1] or "run the same command again" in first:
+            raise UserError(first)  # it already says what to do
         raise UserError(
-            f"{failed[0].search_errors[0]}; check the internet connection, or try another --source "
+            f"{first}; check the internet connection, or try another --source "
             f"({', '.join(n for n in SOURCES if n != name)})"
         )
 
@@ -373,19 +451,31 @@ def gather(
     """Fill each category folder up to the limit, print a summary, and return it."""
     name = options.source_name()
     _check_options(options, name)
-    client = HttpClient(options.policy)
-    settings = SourceSettings(client, options.categories, options.urls_file, options.from_path)
+    policy = options.policy
+    if options.contact:
+        policy = replace(policy, user_agent=user_agent(options.contact))
+    client = HttpClient(policy, clock=options.clock)
+    root = workspace.images
+    settings = SourceSettings(
+        client,
+        options.categories,
+        options.urls_file,
+        options.from_path,
+        licence=options.licence,
+        state_dir=workspace.root / STATE_DIR,
+        progress=SearchProgress(root),
+    )
     source = create_source(name, settings)
     categories = _resolve_categories(options, source, name)
     queries = _queries_by_category(options, categories)
     limit = options.limit if options.limit is not None else source.default_limit
-    root = workspace.images
     report = GatherReport(source=name, root=root)
     _prepare_folders(root, categories)
-    store = ImageStore(root)
+    store = ImageStore(root, read_decisions(root))
     pool = ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="gather")
     try:
         store.scan(pool.map)
+        store.remember_excluded()
         run = _Run(source, name, store, pool, options, limit)
         report.categories = run.reports
         for category in categories:

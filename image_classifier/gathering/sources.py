@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import time
 import zipfile
 import zlib
 from abc import ABC, abstractmethod
@@ -17,11 +18,26 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import urlsplit
 
 from ..errors import UserError
 from ..images import JUNK_DIRS, is_candidate, list_image_files
-from .download import CHUNK, Fetched, FetchError, FetchFailure, HttpClient, too_large, write_limited
+from .download import (
+    CHUNK,
+    USER_AGENT_ENV,
+    Fetched,
+    FetchError,
+    FetchFailure,
+    HttpClient,
+    RateLimit,
+    has_contact,
+    too_large,
+    write_limited,
+)
+
+if TYPE_CHECKING:
+    from .store import SearchProgress
 
 DEFAULT_LIMIT = 200
 PAST_THE_LAST_PAGE = frozenset({400, 401, 404})
@@ -39,10 +55,34 @@ class Candidate:
     height: int | None = None
     ref: str = ""
     """The source's own handle for a local candidate: a file path or a zip member name."""
+    refused: str = ""
+    """A reason to skip it unfetched (a licence --license excludes, no thumbnail), counted like a failure."""
+    host_limit: int | None = None
+    """Downloads at once the source's media host allows (Wikimedia's robot policy: 2)."""
 
 
 class SearchError(Exception):
-    """A search request that failed for good (after retries); ends that query, not the run."""
+    """A search request that failed for good (after retries); ends that query, not the run.
+
+    `failure` says why in a form code can test (offline, blocked, ...); `limit` is set when a rate limit
+    stopped the search, and then the whole source stops until a re-run.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        failure: FetchFailure | None = None,
+        limit: RateLimit | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.failure = failure
+        self.limit = limit
+        self.status = status
+
+
+LICENCES = ("any", "commercial", "modification")
+"""--license: any licence, those that allow commercial use (no NC), or those that allow changes (no ND)."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +91,10 @@ class SourceSettings:
     categories: tuple[str, ...] = ()
     urls_file: Path | None = None
     from_path: Path | None = None
+    licence: str = "any"
+    state_dir: Path | None = None
+    """Where the source may keep private state (the Openverse token), inside the workspace."""
+    progress: SearchProgress | None = None
 
 
 class Source(ABC):
@@ -78,7 +122,7 @@ class Source(ABC):
         """One lazy stream of candidates per query; gather takes from them in turn."""
 
     def fetch(self, candidate: Candidate, dest: Path) -> Fetched:
-        return self.client.download(candidate.url, dest)
+        return self.client.download(candidate.url, dest, candidate.host_limit)
 
 
 SOURCES: dict[str, type[Source]] = {}
@@ -107,16 +151,78 @@ class SearchSource(Source):
     def search(self, query: str) -> Iterator[Candidate]:
         """Results for one query, most relevant first, fetched page by page as they are consumed."""
 
-    def _get_json(self, url: str, params: dict[str, Any], query: str) -> Any:
+    stopped: SearchError | None = None
+    """Set when a limit ended the searches: every later query of this run fails the same way at once."""
+
+    def _get_json(
+        self, url: str, params: dict[str, Any], query: str, headers: dict[str, str] | None = None
+    ) -> Any:
+        if self.stopped is not None:
+            raise self.stopped
         try:
-            return self.client.get_json(url, params)
+            return self.client.get_json(url, params, headers)
         except FetchError as error:
-            raise SearchError(f"{self.label} search for {query!r} failed: {error}") from None
+            raise self.search_error(error, query) from None
+
+    def search_error(self, error: FetchError, query: str) -> SearchError:
+        """The one line a failed search request gets, in words that say what to do."""
+        if error.failure is FetchFailure.LIMIT and error.limit is not None:
+            self.stopped = SearchError(self.limit_message(error.limit), FetchFailure.LIMIT, error.limit)
+            return self.stopped
+        hint = FAILURE_HINTS.get(error.failure, "")
+        if error.failure is FetchFailure.BLOCKED and "User-Agent" in error.qualifier:
+            hint = f" (give a way to contact you with --contact, or set {USER_AGENT_ENV})"
+        message = f"{self.label} search for {query!r} failed: {error}{hint}"
+        return SearchError(message, error.failure, status=error.status)
+
+    def limit_message(self, limit: RateLimit) -> str:
+        named = ", ".join(f"{rate} ({scope})" for scope, rate in limit.exhausted() or limit_rates(limit))
+        allowed = f" (its limit: {named})" if named else ""
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(limit.resume_at))
+        what = (
+            "daily limit is used up"
+            if limit.is_daily()
+            else "rate limit asks for a longer wait than --max-wait"
+        )
+        return f"{self.label}'s {what}{allowed}: run the same command again after {when} to continue"
+
+
+def limit_rates(limit: RateLimit) -> list[tuple[str, str]]:
+    return [(scope, rate) for scope, rate, _ in limit.limits if rate]
+
+
+FAILURE_HINTS = {
+    FetchFailure.OFFLINE: " (this machine seems to have no internet connection: connect and run again)",
+    FetchFailure.DNS: " (the host name does not resolve: check the URL, or the network's DNS)",
+    FetchFailure.TLS: " (a network in between may be intercepting secure connections: try another network)",
+    FetchFailure.BLOCKED: " (the service blocks this client)",
+}
+"""What to do, added to a failed search's line."""
+
+
+def licence_refusal(licence: str, wanted: str) -> str:
+    """Why a listed licence does not allow what --license asks for, or "" when it does."""
+    if wanted == "any":
+        return ""
+    text = licence.upper().replace("-", " ").replace("_", " ").split()
+    if not text:
+        return FetchError(FetchFailure.LICENCE, qualifier="licence unknown").reason
+    if wanted == "commercial" and "NC" in text:
+        return FetchError(FetchFailure.LICENCE, qualifier="no commercial use").reason
+    if wanted == "modification" and "ND" in text:
+        return FetchError(FetchFailure.LICENCE, qualifier="no modification").reason
+    return ""
 
 
 @register
 class WikimediaSource(SearchSource):
-    """Wikimedia Commons: freely licensed files, searched with the MediaWiki Action API (no key)."""
+    """Wikimedia Commons: freely licensed files, searched with the MediaWiki Action API (no key).
+
+    Its rules, as its policies state them: a User-Agent with a contact (requests without one get a 403),
+    `maxlag` on every non-interactive request (and a pause when the servers lag), continuation as the
+    original request plus the last `continue`, and at most 2 downloads at once from upload.wikimedia.org.
+    Only thumbnails are fetched: a file without one (thumberror) is skipped, its original never fetched.
+    """
 
     name = "wikimedia"
     label = "Wikimedia Commons"
@@ -125,16 +231,29 @@ class WikimediaSource(SearchSource):
     THUMB_WIDTH = 960
     """A standard Wikimedia thumbnail step: served from cache, far smaller than most originals."""
     BATCH = 50
+    MAXLAG = 5
+    """Seconds of replication lag past which the API should refuse us: the value the etiquette advises."""
+    MAXLAG_TRIES = 5
+    MEDIA_CONCURRENCY = 2
+    """Downloads at once from the thumbnail host (upload.wikimedia.org): the robot policy's limit."""
 
     def __init__(self, settings: SourceSettings, api_url: str | None = None) -> None:
         super().__init__(settings)
         self.api_url = api_url or os.environ.get(self.ENV) or self.API_URL
+        self.licence = settings.licence
+        if not has_contact(self.client.policy.user_agent):
+            raise UserError(
+                "--source wikimedia needs a way to contact you in the User-Agent (Wikimedia blocks clients "
+                "without one): add --contact you@example.org (or a URL of yours), or set "
+                f"{USER_AGENT_ENV}='my-classifier/1.0 (you@example.org)'"
+            )
 
     def search(self, query: str) -> Iterator[Candidate]:
-        params: dict[str, Any] = {
+        original: dict[str, Any] = {
             "action": "query",
             "format": "json",
             "formatversion": "2",
+            "maxlag": str(self.MAXLAG),
             "generator": "search",
             "gsrsearch": f"{query} filetype:bitmap",
             "gsrnamespace": "6",
@@ -146,15 +265,9 @@ class WikimediaSource(SearchSource):
             "iiextmetadatalanguage": "en",
         }
         seen: set[str] = set()
+        last_continue: dict[str, Any] = {}
         while True:
-            data = self._get_json(self.api_url, params, query)
-            if not isinstance(data, dict):
-                raise SearchError(f"{self.label} search for {query!r}: unexpected answer")
-            if "error" in data:
-                error = data["error"]
-                raise SearchError(
-                    f"{self.label} search for {query!r} failed: {error.get('code')}: {error.get('info')}"
-                )
+            data = self._answer({**original, **last_continue}, query)
             pages = data.get("query", {}).get("pages", [])
             if isinstance(pages, dict):
                 pages = list(pages.values())
@@ -162,29 +275,66 @@ class WikimediaSource(SearchSource):
                 title = page.get("title", "")
                 info = (page.get("imageinfo") or [None])[0]
                 if not info or title in seen:
-                    continue
+                    continue  # its imageinfo comes with a later continuation
                 seen.add(title)
-                url = info.get("thumburl") or info.get("url")
-                if not url or not str(info.get("mime", "image/")).startswith("image/"):
-                    continue
-                meta = info.get("extmetadata") or {}
-                yield Candidate(
-                    url=url,
-                    page=info.get("descriptionurl", ""),
-                    licence=plain_text(_meta_value(meta, "LicenseShortName")),
-                    author=plain_text(_meta_value(meta, "Artist")),
-                    width=_int(info.get("thumbwidth") or info.get("width")),
-                    height=_int(info.get("thumbheight") or info.get("height")),
-                )
-            follow = data.get("continue")
-            if not follow:
+                candidate = self._candidate(info)
+                if candidate is not None:
+                    yield candidate
+            last_continue = data.get("continue") or {}
+            if not last_continue:
                 return
-            params = {**params, **follow}
+
+    def _answer(self, params: dict[str, Any], query: str) -> dict[str, Any]:
+        """One API answer; a maxlag error is waited out (at least 5 s, as the etiquette asks) and retried."""
+        for _ in range(self.MAXLAG_TRIES):
+            data = self._get_json(self.api_url, params, query)
+            if not isinstance(data, dict):
+                raise SearchError(f"{self.label} search for {query!r}: unexpected answer")
+            error = data.get("error")
+            if not error:
+                return data
+            if error.get("code") != "maxlag":
+                raise SearchError(
+                    f"{self.label} search for {query!r} failed: {error.get('code')}: {error.get('info')}"
+                )
+            lag = _int(error.get("lag")) or 0
+            self.client.wait(max(float(self.MAXLAG), float(lag)), urlsplit(self.api_url).hostname or "")
+        raise SearchError(
+            f"{self.label} search for {query!r}: the servers stayed lagged (maxlag) through "
+            f"{self.MAXLAG_TRIES} tries; they are busy: run again later",
+            FetchFailure.LIMIT,
+        )
+
+    def _candidate(self, info: dict[str, Any]) -> Candidate | None:
+        if not str(info.get("mime", "image/")).startswith("image/"):
+            return None
+        meta = info.get("extmetadata") or {}
+        licence = plain_text(_meta_value(meta, "LicenseShortName"))
+        thumb = info.get("thumburl")
+        refused = licence_refusal(licence, self.licence)
+        if not thumb:
+            if not info.get("url"):
+                return None
+            refused = FetchError(FetchFailure.NO_THUMBNAIL, qualifier="thumberror").reason
+        return Candidate(
+            url=thumb or info["url"],
+            page=info.get("descriptionurl", ""),
+            licence=licence,
+            author=plain_text(_meta_value(meta, "Artist")),
+            width=_int(info.get("thumbwidth")),
+            height=_int(info.get("thumbheight")),
+            refused=refused,
+            host_limit=self.MEDIA_CONCURRENCY,
+        )
 
 
 @register
 class OpenverseSource(SearchSource):
-    """Openverse: Creative Commons photos from Flickr, museums and more; anonymous use, 20 results a page."""
+    """Openverse: Creative Commons photos from Flickr, museums and more; 20 results a page, 20 pages.
+
+    Anonymous searches get the API's small limits; OPENVERSE_CLIENT_ID / OPENVERSE_CLIENT_SECRET give a
+    registered application's. How far each query got is kept, so a re-run after a limit continues there.
+    """
 
     name = "openverse"
     label = "Openverse"
@@ -192,79 +342,167 @@ class OpenverseSource(SearchSource):
     ENV = "OPENVERSE_API_URL"
     PAGE_SIZE = 20
     """The most an anonymous request may ask for."""
+    MAX_PAGE = 20
+    """The API's pagination depth: page 21 is a 400, so it is never asked for."""
 
     def __init__(self, settings: SourceSettings, api_url: str | None = None) -> None:
+        from .credentials import OpenverseCredentials
+
         super().__init__(settings)
         self.api_url = api_url or os.environ.get(self.ENV) or self.API_URL
+        self.licence = settings.licence
+        self.progress = settings.progress
+        state = settings.state_dir or Path(".")
+        self.credentials = OpenverseCredentials(self.client, self.api_url, state)
 
     def search(self, query: str) -> Iterator[Candidate]:
-        page = 1
-        while True:
-            params = {"q": query, "page": page, "page_size": self.PAGE_SIZE, "category": "photograph"}
-            try:
-                data = self.client.get_json(self.api_url, params)
-            except FetchError as error:
-                past_the_end = (
-                    error.failure is FetchFailure.HTTP_STATUS and error.status in PAST_THE_LAST_PAGE
-                )
-                if page > 1 and past_the_end:
-                    return
-                raise SearchError(f"{self.label} search for {query!r} failed: {error}") from None
+        key = f"{self.name}|{self.licence}|{query}"
+        page = self.progress.next_page(key) if self.progress else 1
+        while page <= self.MAX_PAGE:
+            data = self._page(query, page)
             results = data.get("results") if isinstance(data, dict) else None
             if not results:
                 return
             for item in results:
-                if not item.get("url"):
-                    continue
-                yield Candidate(
-                    url=item["url"],
-                    page=item.get("foreign_landing_url") or "",
-                    licence=openverse_licence(item.get("license"), item.get("license_version")),
-                    author=item.get("creator") or "",
-                    width=_int(item.get("width")),
-                    height=_int(item.get("height")),
-                )
+                if item.get("url"):
+                    yield self._candidate(item)
+            if self.progress:
+                self.progress.reached(key, page + 1)
             if page >= (_int(data.get("page_count")) or 0):
                 return
             page += 1
 
+    def _page(self, query: str, page: int) -> Any:
+        params = {"q": query, "page": page, "page_size": self.PAGE_SIZE, "category": "photograph"}
+        if self.licence != "any":
+            params["license_type"] = self.licence
+        for renewed in (False, True):
+            try:
+                return self._get_json(self.api_url, params, query, self._headers(query))
+            except SearchError as error:
+                if error.status == 401 and self.credentials.enabled and not renewed:
+                    self.credentials.renew()  # an expired or revoked token: ask for a new one once
+                    continue
+                if page > 1 and error.status in PAST_THE_LAST_PAGE:
+                    return {}
+                raise
+        return {}
+
+    def _headers(self, query: str) -> dict[str, str]:
+        try:
+            return self.credentials.headers()
+        except FetchError as error:
+            raise self.search_error(error, query) from None
+
+    def limit_message(self, limit: RateLimit) -> str:
+        text = super().limit_message(limit)
+        if self.credentials.enabled:
+            return text
+        return f"{text}, or set OPENVERSE_CLIENT_ID and OPENVERSE_CLIENT_SECRET for a registered app's higher limits"
+
+    def _candidate(self, item: dict[str, Any]) -> Candidate:
+        return Candidate(
+            url=item["url"],
+            page=item.get("foreign_landing_url") or "",
+            licence=openverse_licence(item.get("license"), item.get("license_version")),
+            author=item.get("creator") or "",
+            width=_int(item.get("width")),
+            height=_int(item.get("height")),
+        )
+
 
 @register
 class DdgSource(SearchSource):
-    """DuckDuckGo image search through the `ddgs` package: the most relevant results, but no licences."""
+    """DuckDuckGo image search through the `ddgs` package: the most relevant results, but no licences.
+
+    ddgs turns a refused request into "No results found.", the same as an empty search, so its engine is
+    driven one request at a time here and the HTTP status itself says whether it was a block (403) or a
+    rate limit (429, or 202 with no results, DuckDuckGo's way of saying so).
+    """
 
     name = "ddg"
     label = "DuckDuckGo"
-    PAGE_RESULTS = 100
+    SITE_URL = "https://duckduckgo.com"
+    ENV = "DDG_URL"
     MAX_PAGES = 5
+    MAYBE_BLOCKED = (
+        "DuckDuckGo answered no images for {query!r}; that can also mean it is blocking or rate-limiting "
+        "this address: wait an hour and run again, try other --query words, or use --source openverse"
+    )
+
+    def __init__(self, settings: SourceSettings) -> None:
+        super().__init__(settings)
+        self.site = (os.environ.get(self.ENV) or self.SITE_URL).rstrip("/")
 
     def search(self, query: str) -> Iterator[Candidate]:
-        from ddgs import DDGS
+        engine = _ddg_engine(self.site, max(1, math.ceil(self.client.policy.timeout)))
+        seen: set[str] = set()
+        for page in range(1, self.MAX_PAGES + 1):
+            results = self._page(engine, query, page)
+            fresh = [item for item in results if item.get("image") and item["image"] not in seen]
+            if not fresh:
+                if page == 1:
+                    raise SearchError(self.MAYBE_BLOCKED.format(query=query), FetchFailure.BLOCKED)
+                return
+            for item in fresh:
+                seen.add(item["image"])
+                yield Candidate(
+                    url=item["image"],
+                    page=item.get("url") or "",
+                    width=_int(item.get("width")),
+                    height=_int(item.get("height")),
+                )
+
+    def _page(self, engine: Any, query: str, page: int) -> list[dict[str, Any]]:
         from ddgs.exceptions import DDGSException
 
-        seen: set[str] = set()
-        timeout = max(1, math.ceil(self.client.policy.timeout))
-        with DDGS(timeout=timeout) as ddgs:
-            for page in range(1, self.MAX_PAGES + 1):
-                try:
-                    results = ddgs.images(
-                        query, max_results=self.PAGE_RESULTS, page=page, backend="duckduckgo"
-                    )
-                except DDGSException as error:
-                    if "no results" in str(error).lower():
-                        return
-                    raise SearchError(f"{self.label} search for {query!r} failed: {error}") from None
-                fresh = [item for item in results if item.get("image") and item["image"] not in seen]
-                if not fresh:
-                    return
-                for item in fresh:
-                    seen.add(item["image"])
-                    yield Candidate(
-                        url=item["image"],
-                        page=item.get("url") or "",
-                        width=_int(item.get("width")),
-                        height=_int(item.get("height")),
-                    )
+        if self.stopped is not None:
+            raise self.stopped
+        try:
+            payload = engine.build_payload(query, "us-en", "moderate", None, page=page)
+            response = engine.http_client.request("GET", engine.search_url, params=payload)
+        except DDGSException as error:
+            status = getattr(engine, "last_status", None)
+            if status is not None and status != 200:
+                raise self._refused(status, query) from None
+            raise SearchError(f"{self.label} search for {query!r} failed: {error}") from None
+        if response.status_code != 200:
+            raise self._refused(response.status_code, query)
+        return [vars(item) for item in engine.extract_results(response.text)]
+
+    def _refused(self, status: int, query: str) -> SearchError:
+        if status == 403:
+            return SearchError(
+                f"{self.label} refused the search for {query!r} (HTTP 403): a block of this address; wait an "
+                "hour or two and run again, or use --source openverse or wikimedia",
+                FetchFailure.BLOCKED,
+            )
+        if status in (202, 429):
+            return SearchError(
+                f"{self.label} rate-limited the search for {query!r} (HTTP {status}): wait a few minutes and "
+                "run again, or use --source openverse or wikimedia",
+                FetchFailure.LIMIT,
+            )
+        return SearchError(
+            f"{self.label} search for {query!r} failed: HTTP {status}", FetchFailure.HTTP_STATUS
+        )
+
+
+def _ddg_engine(site: str, timeout: int) -> Any:
+    """ddgs's own DuckDuckGo images engine (its payload, vqd token and parsing), aimed at `site`."""
+    from ddgs.engines.duckduckgo_images import DuckduckgoImages
+    from ddgs.utils import _extract_vqd
+
+    class Engine(DuckduckgoImages):
+        search_url = f"{site}/i.js"
+        last_status: int | None = None
+
+        def _get_vqd(self, query: str) -> str:
+            response = self.http_client.request("GET", site, params={"q": query})
+            self.last_status = response.status_code
+            return _extract_vqd(response.content, query)
+
+    return Engine(timeout=timeout)
 
 
 @register

@@ -1,5 +1,6 @@
-"""The images folder as gather keeps it: files named by content hash, never overwritten, and
-images/manifest.csv saying where each came from.
+"""The images folder as gather keeps it: files named by content hash, never overwritten,
+images/manifest.csv saying where each came from, and images/tried.csv saying what became of every URL
+tried (kept as a file, a duplicate of one, or rejected and why), so a re-run fetches none of them again.
 
 Adding a file is a hard link (or a checked rename) from a temporary file in the same folder, so a name
 that is taken is never replaced, and each manifest row is one flushed write, so an interrupted run
@@ -11,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -18,6 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ..atomic import write_atomic
+from ..decisions import Decisions
 from ..errors import UserError
 from ..images import ImageError, ImageInfo, inspect, list_image_files
 from .download import Fetched, FetchError, FetchFailure
@@ -39,6 +43,14 @@ IMAGES_MANIFEST_FIELDS = [
 ]
 """Columns of images/manifest.csv: where each gathered file came from (the dataset's own manifest is
 preprocess.DATASET_MANIFEST_FIELDS)."""
+TRIED_NAME = "tried.csv"
+TRIED_FIELDS = ["url", "category", "source", "outcome", "file", "reason", "time"]
+"""Columns of images/tried.csv, one row per URL tried; the last row of a URL is its outcome."""
+KEPT, DUPLICATE_OF, REJECTED, FAILED = "kept", "duplicate", "rejected", "failed"
+FINAL_OUTCOMES = frozenset({KEPT, DUPLICATE_OF, REJECTED})
+"""Outcomes a re-run believes; a FAILED URL (offline, timeout, 5xx, a limit) is tried again."""
+SEARCHES_NAME = "searches.json"
+"""How far each search got (the next page), so a re-run after a daily limit continues where it stopped."""
 MANUAL_SOURCE = "manual"
 """Manifest source of a file that was already in a category folder (put there by hand)."""
 TEMP_PREFIX = ".gather-"
@@ -60,18 +72,27 @@ class CheckedImage:
 class ImageStore:
     """The images folder: what it holds (by content hash), the manifest, and adding files without overwriting."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, decisions: Decisions | None = None) -> None:
         self.root = root
+        self.decisions = decisions or Decisions()
         self.manifest = root / MANIFEST_NAME
-        rows = read_manifest(self.manifest)
-        self.recorded = {(row["file"], row["sha256"]): row for row in rows}
+        self.rows = read_manifest(self.manifest)
+        self.recorded = {(row["file"], row["sha256"]): row for row in self.rows}
         self.known_urls = {
-            row["url"] for row in rows if row.get("url") and row.get("source") != MANUAL_SOURCE
+            row["url"] for row in self.rows if row.get("url") and row.get("source") != MANUAL_SOURCE
         }
+        self.tried = TriedUrls(root / TRIED_NAME)
+        self.known_urls |= self.tried.final()
         self.hashes: dict[str, str] = {}
         """sha256 -> file (relative to root) of every image anywhere in the category folders."""
         self.file_hashes: dict[str, str] = {}
         self._needs_newline = _lacks_final_newline(self.manifest)
+
+    def remember_excluded(self) -> None:
+        """An excluded photo's content stays known even when its file is gone: it never comes back."""
+        for row in self.rows:
+            if row["file"] in self.decisions.excluded:
+                self.hashes.setdefault(row["sha256"], row["file"])
 
     def scan(self, map_fn: Callable[..., Iterable[Any]]) -> None:
         """Hash every file in every category folder, so nothing is stored twice anywhere."""
@@ -83,10 +104,11 @@ class ImageStore:
             self.file_hashes[relative] = sha256
             self.hashes.setdefault(sha256, relative)
 
-    def check_existing(self, category: str, map_fn: Callable[..., Iterable[Any]]) -> tuple[int, int]:
-        """(good, unusable) images already in the folder; good ones not yet in the manifest are added."""
+    def check_existing(self, category: str, map_fn: Callable[..., Iterable[Any]]) -> Existing:
+        """The images already there for a category: good ones in its folder not yet in the manifest are
+        added; review decisions decide what counts (excluded: not at all, relabeled: for the new category)."""
         folder = self.root / category
-        good: set[str] = set()
+        good: dict[str, str] = {}
         unknown: list[tuple[Path, str]] = []
         unusable = 0
         for path in list_image_files(folder) if folder.is_dir() else []:
@@ -95,7 +117,7 @@ class ImageStore:
             if sha256 is None:
                 unusable += 1
             elif (relative, sha256) in self.recorded:
-                good.add(sha256)
+                good.setdefault(sha256, relative)
             else:
                 unknown.append((path, relative))
         infos = map_fn(_inspect_or_none, [path for path, _ in unknown])
@@ -104,9 +126,16 @@ class ImageStore:
                 unusable += 1
                 continue
             sha256 = self.file_hashes[relative]
-            good.add(sha256)
+            good.setdefault(sha256, relative)
             self._record(relative, category, MANUAL_SOURCE, Candidate(url=""), sha256, info)
-        return len(good), unusable
+        counted = {sha for sha, rel in good.items() if self.decisions.category_of(rel, category) == category}
+        excluded = sum(1 for rel in good.values() if rel in self.decisions.excluded)
+        moved_in = {
+            self.file_hashes[rel]
+            for rel, to in self.decisions.relabeled.items()
+            if to == category and rel in self.file_hashes and rel not in self.decisions.excluded
+        }
+        return Existing(len(counted | moved_in), unusable, excluded, len(moved_in - counted))
 
     def add(self, checked: CheckedImage, category: str, source: str, candidate: Candidate) -> bool:
         """Move a checked temporary file into place; False (and the file removed) when it is a duplicate."""
@@ -150,6 +179,14 @@ class ImageStore:
         if candidate.url and source != MANUAL_SOURCE:
             self.known_urls.add(candidate.url)
 
+    def note_tried(
+        self, url: str, category: str, source: str, outcome: str, file: str = "", reason: str = ""
+    ) -> None:
+        """What became of one URL, in tried.csv; a final outcome also keeps it from being fetched again."""
+        self.tried.append(url, category, source, outcome, file, reason)
+        if outcome in FINAL_OUTCOMES:
+            self.known_urls.add(url)
+
     def append_row(self, row: dict[str, Any]) -> None:
         """One whole line per write, flushed at once: an interrupted run leaves at most one broken last line."""
         buffer = io.StringIO()
@@ -164,6 +201,77 @@ class ImageStore:
             handle.write(buffer.getvalue())
             handle.flush()
         self._needs_newline = False
+
+
+@dataclass(frozen=True)
+class Existing:
+    good: int
+    """Images that count toward the limit (excluded ones not; relabeled ones for their new category)."""
+    unusable: int
+    excluded: int = 0
+    relabeled_in: int = 0
+
+
+class TriedUrls:
+    """images/tried.csv: every URL gather fetched (or refused unfetched), with its outcome."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.last: dict[str, dict[str, str]] = {}
+        if path.exists():
+            try:
+                with open(path, newline="", encoding="utf-8") as handle:
+                    for row in csv.DictReader(handle):
+                        if row.get("url") and row.get("outcome") and None not in row:
+                            self.last[row["url"]] = row
+            except (csv.Error, UnicodeDecodeError, OSError) as error:
+                raise UserError(
+                    f"cannot read {path} ({error}); move it aside and run again (already-tried URLs would "
+                    "then be fetched once more)"
+                ) from None
+        self._needs_newline = _lacks_final_newline(path)
+
+    def final(self) -> set[str]:
+        return {url for url, row in self.last.items() if row["outcome"] in FINAL_OUTCOMES}
+
+    def append(self, url: str, category: str, source: str, outcome: str, file: str, reason: str) -> None:
+        row = {"url": url, "category": category, "source": source, "outcome": outcome, "file": file}
+        row |= {"reason": reason, "time": datetime.now(UTC).isoformat(timespec="seconds")}
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=TRIED_FIELDS, lineterminator="\n")
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            writer.writeheader()
+        elif self._needs_newline:
+            buffer.write("\n")
+        writer.writerow(row)
+        with open(self.path, "a", encoding="utf-8", newline="") as handle:
+            handle.write(buffer.getvalue())
+            handle.flush()
+        self._needs_newline = False
+        self.last[url] = row
+
+
+class SearchProgress:
+    """images/searches.json: per source and query, the next page a search starts from."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / SEARCHES_NAME
+        try:
+            self.pages: dict[str, int] = (
+                json.loads(self.path.read_text("utf-8")) if self.path.exists() else {}
+            )
+        except (ValueError, OSError):
+            self.pages = {}  # only an optimisation: a lost file means re-reading pages already seen
+
+    def next_page(self, key: str) -> int:
+        value = self.pages.get(key, 1)
+        return value if isinstance(value, int) and value >= 1 else 1
+
+    def reached(self, key: str, page: int) -> None:
+        """Every candidate on the pages before `page` was taken: a re-run starts at `page`."""
+        if page > self.next_page(key):
+            self.pages[key] = page
+            write_atomic(self.path, json.dumps(self.pages, indent=1, sort_keys=True).encode())
 
 
 def read_manifest(path: Path) -> list[dict[str, str]]:
