@@ -132,3 +132,54 @@ def explanation_name(source: str, folder: Path, taken: set[str]) -> Path:
             taken.add(name)
             return folder / name
     raise UserError(f"no free file name for the heatmap of {source} in {folder}")
+
+
+SHOWN_SIZE = 224
+"""Heatmaps of small model inputs are drawn at least this large, so they can be seen."""
+
+
+class HeatmapWriter:
+    """predict.py --explain DIR: each photo as the model saw it, its Grad-CAM heatmap over it, as a PNG."""
+
+    def __init__(self, model, folder: Path) -> None:
+        self.explainer = GradCam(model)
+        self.folder = folder
+        self.taken: set[str] = set()
+        self.written: list[Path] = []
+
+    def __call__(self, names: list[str], images: np.ndarray) -> list[Path]:
+        import io
+
+        from PIL import Image
+
+        from .atomic import write_atomic
+
+        paths = []
+        for start in range(0, len(images), BATCH):
+            batch = np.asarray(images[start : start + BATCH])
+            for name, image, heatmap in zip(
+                names[start:], batch, self.explainer.heatmaps(batch), strict=False
+            ):
+                picture = Image.fromarray(image)
+                side = max(SHOWN_SIZE, image.shape[0])
+                if side != image.shape[0]:
+                    picture = picture.resize((side, side), Image.Resampling.BICUBIC)
+                buffer = io.BytesIO()
+                Image.fromarray(overlay(np.asarray(picture), heatmap)).save(buffer, "PNG")
+                path = explanation_name(name, self.folder, self.taken)
+                write_atomic(path, buffer.getvalue())
+                paths.append(path)
+        self.written.extend(paths)
+        return paths
+
+
+def explanation_folder(text: str) -> Path:
+    """The --explain folder, made if missing; a file there is refused before any work."""
+    folder = Path(text)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--explain {text} is a file; give a folder for the heatmaps (it is made if missing)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot make the --explain folder {text}: {error.strerror or error}") from None
+    return folder

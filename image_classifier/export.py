@@ -1,7 +1,9 @@
 """Export a run's model for deployment (SavedModel, TFLite, ONNX), and prove the copy predicts like the original.
 
 Every export takes uint8 RGB images (0..255), so nobody has to guess between 0..1 and 0..255 floats, and
-returns softmax probabilities in labels.json order. The SavedModel keeps the whole model, resizing
+returns softmax probabilities in labels.json order (calibrated: model.keras holds the run's temperature). A
+SavedModel of a run with a "none of these" check (openset.py) also returns `known_score`, one number per
+image: the photo belongs to some category when it is at least export.json's threshold. The SavedModel keeps the whole model, resizing
 included, and takes any image size. TFLite and ONNX have no equivalent of TensorFlow's antialiased resize
 (ScaleAndTranslate), so they take images already resized to the run's --image-size, the way predict.py
 resizes them; at that size the model's resize layer is an exact identity and is left out.
@@ -23,7 +25,7 @@ import tempfile
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -84,14 +86,21 @@ class Check:
     mean_difference: float
     tolerance: float
     passed: bool
+    known_score_difference: float | None = None
+    """Largest |known_score difference| from the check computed in numpy (SavedModel only)."""
 
     def describe(self) -> str:
         verdict = "passed" if self.passed else "failed"
         flips = f" (the other {self.near_tie_flips} near-ties)" if self.near_tie_flips else ""
+        known = (
+            ""
+            if self.known_score_difference is None
+            else f", max |known_score difference| {self.known_score_difference:.2g}"
+        )
         return (
             f"Check on {self.images} {self.split} images: top-1 the same on {self.top1_same}/{self.images}"
-            f"{flips}, max |probability difference| {self.max_difference:.2g} (mean {self.mean_difference:.2g}), "
-            f"tolerance {self.tolerance:g}: {verdict}"
+            f"{flips}, max |probability difference| {self.max_difference:.2g} (mean {self.mean_difference:.2g})"
+            f"{known}, tolerance {self.tolerance:g}: {verdict}"
         )
 
 
@@ -152,7 +161,7 @@ def input_contract(options: ExportOptions, run: RunFolder) -> dict:
                 f"(images.resize_square, --resize {run.resize}, bilinear)"
             ),
         )
-    return {
+    contract = {
         "input": {
             "name": "image",
             "dtype": "uint8",
@@ -167,6 +176,17 @@ def input_contract(options: ExportOptions, run: RunFolder) -> dict:
             "labels": run.labels,
         },
     }
+    check = run.metrics.get("open_set")
+    if options.format == "savedmodel" and check and run.file("openset.npz").is_file():
+        contract["known_score"] = {
+            "name": "known_score",
+            "dtype": "float32",
+            "shape": [None],
+            "method": check["method"],
+            "threshold": check["threshold"],
+            "note": 'at least the threshold: one of the categories; below it: "none of these"',
+        }
+    return contract
 
 
 def _describe_contract(contract: dict) -> str:
@@ -178,10 +198,14 @@ def _describe_contract(contract: dict) -> str:
         )
 
     given, result = contract["input"], contract["output"]
-    return (
+    text = (
         f"input '{given['name']}' {given['dtype']} {shape(given['shape'])} RGB 0..255 ({given['note']}); "
         f"output '{result['name']}' {result['dtype']} {shape(result['shape'])} in labels.json order"
     )
+    if "known_score" in contract:
+        known = contract["known_score"]
+        text += f" and 'known_score' {known['dtype']} [N] (known when >= {known['threshold']:.4g})"
+    return text
 
 
 def _size(path: Path) -> int:
@@ -221,9 +245,22 @@ def _keras_probabilities(model, images: np.ndarray) -> np.ndarray:
     )
 
 
-def _serving_function(model, image_size: int | None):
+def _with_embeddings(model):
+    """The model with a second output: the embedding the "none of these" check compares (openset.Embedder)."""
+    from .tf_env import import_keras
+
+    keras = import_keras()
+    head = model.get_layer("head")
+    both = keras.Model(head.input, [head.output, head.get_layer("predictions").input])
+    names = {layer.name for layer in model.layers}
+    feeder = model.get_layer("pool" if "pool" in names else "flatten").output
+    return keras.Model(model.input, both(feeder))
+
+
+def _serving_function(model, image_size: int | None, check=None):
     """uint8 images -> {'probabilities'} in inference mode: the whole model for any size, or, for a fixed
-    size, the model after its resize layer (an exact identity at that size)."""
+    size, the model after its resize layer (an exact identity at that size). With an openset.OpenSet
+    `check` (any size only) also {'known_score'}."""
     import tensorflow as tf
 
     from .tf_env import import_keras
@@ -238,6 +275,18 @@ def _serving_function(model, image_size: int | None):
             ) from None
         model = keras.Model(resized, model.output)
     signature = [tf.TensorSpec((None, image_size, image_size, 3), tf.uint8, name="image")]
+    if check is not None:
+        model = _with_embeddings(model)
+
+        @tf.function(input_signature=signature)
+        def serve_known(image):
+            probabilities, embeddings = model(tf.cast(image, tf.float32), training=False)
+            return {
+                "probabilities": probabilities,
+                "known_score": check.score_tensor(embeddings, probabilities),
+            }
+
+        return model, serve_known, signature
 
     @tf.function(input_signature=signature)
     def serve(image):
@@ -246,11 +295,11 @@ def _serving_function(model, image_size: int | None):
     return model, serve, signature
 
 
-def _write_savedmodel(model, destination: Path, image_size: int | None = None) -> None:
+def _write_savedmodel(model, destination: Path, image_size: int | None = None, check=None) -> None:
     """A plain tf.Module SavedModel: Keras's ExportArchive stores every variable twice (twice the size)."""
     import tensorflow as tf
 
-    model, serve, _ = _serving_function(model, image_size)
+    model, serve, _ = _serving_function(model, image_size, check)
     module = tf.Module()
     module.weights = [variable.value for variable in model.variables]
     module.serve = serve
@@ -308,8 +357,11 @@ def load_exported(path: Path, format: str):
     return lambda images: session.run(["probabilities"], {"image": images})[0]
 
 
-def check_export(path: Path, options: ExportOptions, model, images: np.ndarray, split: str) -> Check:
-    """Run the export on `images` with its own runtime and compare with the Keras model."""
+def check_export(
+    path: Path, options: ExportOptions, model, images: np.ndarray, split: str, check=None
+) -> Check:
+    """Run the export on `images` with its own runtime and compare with the Keras model (and, for a
+    SavedModel with a "none of these" `check`, its known scores with the ones computed in numpy)."""
     predict = load_exported(path, options.format)
     exported = np.concatenate(
         [
@@ -317,13 +369,37 @@ def check_export(path: Path, options: ExportOptions, model, images: np.ndarray, 
             for start in range(0, len(images), CHECK_BATCH)
         ]
     )
-    return compare(
+    found = compare(
         _keras_probabilities(model, images),
         exported,
         TOLERANCES[options.quantize],
         allow_near_ties=options.quantize != "none",
         split=split,
     )
+    if check is None or options.format != "savedmodel":
+        return found
+    difference = _known_score_difference(path, model, check, images)
+    passed = found.passed and difference <= TOLERANCES["none"]
+    return replace(found, known_score_difference=difference, passed=passed)
+
+
+def _known_score_difference(path: Path, model, check, images: np.ndarray) -> float:
+    import tensorflow as tf
+
+    serving = tf.saved_model.load(str(path)).signatures["serving_default"]
+    both = _with_embeddings(model)
+    largest = 0.0
+    for start in range(0, len(images), CHECK_BATCH):
+        batch = np.ascontiguousarray(images[start : start + CHECK_BATCH], dtype=np.uint8)
+        exported = serving(image=tf.constant(batch))["known_score"].numpy()
+        probabilities, embeddings = (
+            np.asarray(part) for part in both.predict_on_batch(batch.astype(np.float32))
+        )
+        expected = check.scores(embeddings, probabilities)
+        if not np.isfinite(exported).all():
+            return float("inf")
+        largest = max(largest, float(np.abs(exported - expected).max()))
+    return largest
 
 
 @contextmanager
@@ -354,13 +430,16 @@ class ExportResult:
 
 def _write_checked(model, run, options, new: Path, scratch: Path, images, split: str, print_fn) -> Check:
     """Write the artefact into scratch and check it predicts like the Keras model; refuse it if not."""
+    from .openset import OpenSet
+
+    known_check = OpenSet.load(run) if options.format == "savedmodel" else None
     if options.format == "savedmodel":
-        _write_savedmodel(model, new)
+        _write_savedmodel(model, new, check=known_check)
     elif options.format == "tflite":
         _write_tflite(model, run, options.quantize, new, scratch)
     else:
         _write_onnx(model, run, new)
-    check = check_export(new, options, model, images, split)
+    check = check_export(new, options, model, images, split, known_check)
     print_fn(check.describe())
     if not check.passed:
         found = check.describe()

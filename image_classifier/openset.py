@@ -85,6 +85,27 @@ class OpenSet:
         similarity = normalized(embeddings) @ self.arrays[key].astype(np.float32).T
         return similarity.max(axis=1).astype(np.float64)
 
+    def score_tensor(self, embeddings, probabilities):
+        """scores() in TensorFlow ops, for an exported model's second output (export.py)."""
+        import tensorflow as tf
+
+        if self.method == "softmax":
+            return tf.reduce_max(probabilities, axis=1)
+        if self.method == "mahalanobis":
+            whitening = tf.constant(self.arrays["whitening"], tf.float32)
+            rows = tf.matmul(embeddings, whitening)
+            means = tf.matmul(tf.constant(self.arrays["means"], tf.float32), whitening)
+            squared = (
+                tf.reduce_sum(rows**2, 1, keepdims=True)
+                - 2 * tf.matmul(rows, means, transpose_b=True)
+                + tf.reduce_sum(means**2, 1)[None]
+            )
+            return -tf.reduce_min(squared, axis=1)
+        key = "references" if self.method == "knn" else "prototypes"
+        references = tf.constant(self.arrays[key].astype(np.float32))
+        unit = tf.math.l2_normalize(embeddings, axis=1, epsilon=1e-24)
+        return tf.reduce_max(tf.matmul(unit, references, transpose_b=True), axis=1)
+
     def with_threshold(self, validation_scores: np.ndarray, known_rate: float) -> OpenSet:
         """The threshold that keeps `known_rate` of the (known) validation photos."""
         threshold = float(np.quantile(np.asarray(validation_scores), 1.0 - known_rate, method="lower"))

@@ -218,8 +218,12 @@ def predict_sources(
     batch_size: int = DEFAULT_BATCH_SIZE,
     policy: FetchPolicy | None = None,
     progress: bool = False,
+    explain=None,
 ) -> list[Prediction]:
-    """Predictions in the order of `sources`; the next batch is read while the model runs on this one."""
+    """Predictions in the order of `sources`; the next batch is read while the model runs on this one.
+
+    `explain` (an explain.HeatmapWriter) is given each batch's names and images to draw Grad-CAM over them.
+    """
     from tqdm import tqdm
 
     labels = predictor.run.labels
@@ -249,9 +253,11 @@ def predict_sources(
             for batch in _batches(sources, batch_size):
                 submit(batch)
                 if len(pending) > 1:
-                    results.extend(_predict_batch(predictor, pending.popleft(), top_k, threshold, bar))
+                    results.extend(
+                        _predict_batch(predictor, pending.popleft(), top_k, threshold, bar, explain)
+                    )
             while pending:
-                results.extend(_predict_batch(predictor, pending.popleft(), top_k, threshold, bar))
+                results.extend(_predict_batch(predictor, pending.popleft(), top_k, threshold, bar, explain))
         except BaseException:
             client.abort()
             for batch in pending:
@@ -264,12 +270,19 @@ def predict_sources(
 
 
 def _predict_batch(
-    predictor: Predictor, batch: list[tuple[PredictInput, Future]], top_k: int, threshold: float, bar
+    predictor: Predictor,
+    batch: list[tuple[PredictInput, Future]],
+    top_k: int,
+    threshold: float,
+    bar,
+    explain=None,
 ) -> list[Prediction]:
     read = [(source, future.result()) for source, future in batch]
     good = [(source.name, array) for source, array in read if isinstance(array, np.ndarray)]
     images = np.stack([array for _, array in good]) if good else np.zeros((0, 1, 1, 3), np.uint8)
     made = iter(predictor.predictions([name for name, _ in good], images, top_k, threshold))
+    if explain is not None and good:
+        explain([name for name, _ in good], images)
     predictions = [
         Prediction(source=source.name, error=array) if isinstance(array, str) else next(made)
         for source, array in read
@@ -388,6 +401,8 @@ class PredictOptions:
     threshold: float = 0.0
     output: str = "table"
     batch_size: int = DEFAULT_BATCH_SIZE
+    explain: str | None = None
+    """A folder for Grad-CAM heatmaps of each photo (explain.py)."""
 
 
 def run_predict(
@@ -404,7 +419,14 @@ def run_predict(
         raise UserError(f"unknown output {options.output!r}; choose from {', '.join(OUTPUTS)}")
     run = RunFolder.find(workspace, options.run)
     sources = collect_sources(options.inputs)
+    explain = None
+    if options.explain is not None:
+        from .explain import HeatmapWriter, explanation_folder
+
+        folder = explanation_folder(options.explain)
     predictor = Predictor(run)
+    if options.explain is not None:
+        explain = HeatmapWriter(predictor.model, folder)
     if predictor.cannot_judge:
         print(f"note: {predictor.cannot_judge}", file=err)
     predictions = predict_sources(
@@ -414,6 +436,7 @@ def run_predict(
         threshold=options.threshold,
         batch_size=options.batch_size,
         progress=len(sources) > options.batch_size,
+        explain=explain,
     )
     top_k = min(options.top_k, len(run.labels))
     if options.output == "json":
@@ -422,18 +445,27 @@ def run_predict(
         out.write(format_csv(predictions, top_k))
     else:
         print(format_table(predictions, top_k), file=out)
+    print(_summary(predictions, options, predictor, explain), file=err)
+    return predictions
+
+
+def _summary(
+    predictions: Sequence[Prediction], options: PredictOptions, predictor: Predictor, explain
+) -> str:
+    """The stage's last line on stderr; a UserError when no input could be used."""
     predicted = sum(p.ok for p in predictions)
     uncertain = sum(p.ok and p.uncertain for p in predictions)
     unknown = sum(p.ok and p.known is False for p in predictions)
     skipped = len(predictions) - predicted
     if not predicted:
         raise UserError(f"none of the {skipped} inputs could be used as an image (reasons above)")
-    summary = f"Predicted {predicted} image{'s' if predicted != 1 else ''} with run {run.path.name}"
+    summary = f"Predicted {predicted} image{'s' if predicted != 1 else ''} with run {predictor.run.path.name}"
     if options.threshold:
         summary += f"; {uncertain} uncertain (top probability below {_percent(options.threshold)})"
     if predictor.check is not None:
         summary += f'; {unknown} unknown ("none of these")'
     if skipped:
         summary += f"; skipped {skipped} input{'s' if skipped != 1 else ''} that could not be used"
-    print(summary, file=err)
-    return predictions
+    if explain is not None:
+        summary += f"; {len(explain.written)} Grad-CAM heatmaps in {explain.folder}"
+    return summary

@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-size", type=cli.positive_int, default=DEFAULT_BATCH_SIZE, help="images per model call"
     )
+    parser.add_argument(
+        "--explain",
+        metavar="DIR",
+        help="write a Grad-CAM heatmap over each photo into DIR (made if missing): where the model looked",
+    )
     return parser
 
 
@@ -67,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         threshold=args.threshold,
         output=args.output,
         batch_size=args.batch_size,
+        explain=args.explain,
     )
     run_predict(options, cli.workspace_of(args))
 
