@@ -9,6 +9,7 @@ images/review/                 what clean.py flagged: review.csv, review.html, d
 features/<name>/               backbone features computed from those arrays (features.py)
 tuning/<timestamp>/            one hyperparameter search (tune.py): trials, best.json
 engines/                       backbones converted for the fast CPU engines, once per machine (engines.py)
+uploads/                       photos the server received, only with serve.py --keep-uploads
 keras/                         KERAS_HOME inside the container, so downloaded weights survive
 """
 
@@ -57,3 +58,7 @@ class Workspace:
     @property
     def tuning(self) -> Path:
         return self.root / "tuning"
+
+    @property
+    def uploads(self) -> Path:
+        return self.root / "uploads"

@@ -68,6 +68,7 @@ def run(
 def clean_env(**extra: str) -> dict[str, str]:
     """The environment without what would override the compose files' own variables (.env is used instead)."""
     drop = ("UID", "GID", "JUPYTER_TOKEN", "TENSORBOARD_PORT", "NOTEBOOK_PORT", "WORKSPACE", "KERAS_HOME")
+    drop += ("SERVE_TOKEN", "SERVE_PORT", "SERVE_RUN")
     env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("COMPOSE_")}
     env.update(extra)
     return env
@@ -104,7 +105,7 @@ def compose_config(tmp_path: Path, *files: str, env_lines: str = "") -> dict:
 
 def test_compose_config_is_valid_and_keeps_services_local(tmp_path):
     services = compose_config(tmp_path, "docker-compose.yml", env_lines="UID=1234\nGID=2345\n")
-    assert set(services) == {"ml", "tensorboard", "notebook"}
+    assert set(services) == {"ml", "tensorboard", "notebook", "serve"}
     for name, service in services.items():
         assert service["image"] == IMAGE, name
         assert service["build"]["args"] == {"UID": "1234", "GID": "2345"}, name
@@ -118,6 +119,10 @@ def test_compose_config_is_valid_and_keeps_services_local(tmp_path):
     assert Path(services["notebook"]["volumes"][1]["source"]) == ROOT / "notebook"
     # The token comes from JUPYTER_TOKEN or is made at random; nothing on the command line may weaken it.
     assert not [arg for arg in services["notebook"]["command"] if "token" in arg.lower() or "password" in arg]
+    serve = services["serve"]
+    assert [p["target"] for p in serve["ports"]] == [8501]
+    assert serve["command"][:2] == ["python", "scripts/serve.py"] and "--token" not in serve["command"]
+    assert serve["command"][serve["command"].index("--host") + 1] == "0.0.0.0"
 
     defaults = compose_config(tmp_path, "docker-compose.yml")
     assert defaults["ml"]["build"]["args"] == {"UID": "1000", "GID": "1000"}
