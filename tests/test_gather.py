@@ -687,16 +687,24 @@ def test_the_limit_counts_good_images_only(web: Web, workspace: Workspace) -> No
     assert [web.hits[f"/img/{item.name}"] for item in listings] == [1, 2, 1, 2, 1, 0, 0, 0]
 
 
-def test_downloads_run_concurrently_but_bounded(web: Web, workspace: Workspace) -> None:
-    for i in range(12):
+def test_downloads_run_concurrently_but_bounded(web: Web, workspace: Workspace, tmp_path: Path) -> None:
+    """--workers bounds all downloads; --per-host (default 4) bounds those to one host."""
+    urls = []
+    for i in range(16):
         web.routes[f"/img/s{i}.jpg"] = slow(0.15, image(jpeg(1100 + i)))
-    web.wiki["cat"] = [Listing(f"s{i}.jpg") for i in range(12)]
-    web.wiki_batch = 50
+        urls.append(web.url(f"/img/s{i}.jpg"))
+    listing = tmp_path / "urls.txt"
+    listing.write_text("\n".join(urls[:8]) + "\n")
     started = time.monotonic()
-    run_gather(workspace, categories=("cat",), source="wikimedia", limit=12, workers=3)
-    assert len(stored(workspace, "cat")) == 12
+    run_gather(workspace, categories=("cat",), urls_file=listing, workers=3)
+    assert len(stored(workspace, "cat")) == 8
     assert web.max_active == 3
-    assert time.monotonic() - started < 12 * 0.15
+    assert time.monotonic() - started < 8 * 0.15
+    listing.write_text("\n".join(urls[8:]) + "\n")
+    web.max_active = 0
+    run_gather(workspace, categories=("cat",), urls_file=listing, workers=8)
+    assert len(stored(workspace, "cat")) == 16
+    assert web.max_active == FAST.per_host == 4
 
 
 def test_every_search_failing_is_an_error(web: Web, workspace: Workspace) -> None:

@@ -413,12 +413,16 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
 
 
 class HostSlots:
-    """At most N requests at once per host: a semaphore per host name, made on first use."""
+    """At most N requests at once per host: a semaphore per host and limit, made on first use.
+
+    A source that asks for fewer (Wikimedia's media host: 2) gets its own, so its downloads never share
+    slots with the API calls of the same host.
+    """
 
     def __init__(self, policy: FetchPolicy) -> None:
         self.policy = policy
         self.named = dict(policy.host_limits)
-        self._slots: dict[str, threading.BoundedSemaphore] = {}
+        self._slots: dict[tuple[str, int], threading.BoundedSemaphore] = {}
         self._lock = threading.Lock()
 
     def limit_of(self, host: str, asked: int | None = None) -> int:
@@ -428,10 +432,11 @@ class HostSlots:
     @contextmanager
     def hold(self, url: str, asked: int | None, stop: threading.Event) -> Iterator[None]:
         host = (urlsplit(url).hostname or "").lower()
+        key = (host, self.limit_of(host, asked))
         with self._lock:
-            slot = self._slots.get(host)
+            slot = self._slots.get(key)
             if slot is None:
-                slot = self._slots[host] = threading.BoundedSemaphore(self.limit_of(host, asked))
+                slot = self._slots[key] = threading.BoundedSemaphore(key[1])
         while not slot.acquire(timeout=0.2):
             if stop.is_set():
                 raise Cancelled()

@@ -27,6 +27,8 @@ class CategoryReport:
     skipped: Counter = field(default_factory=Counter)
     candidates: int = 0
     search_errors: list[str] = field(default_factory=list)
+    search_failures: list = field(default_factory=list)
+    """Each search error's FetchFailure (None when it has no name), in the same order."""
     ran_out: bool = False
     gave_up: bool = False
 

@@ -10,6 +10,7 @@ manifest stay on the main thread, so they need no locks.
 
 from __future__ import annotations
 
+import os
 import sys
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +25,7 @@ from ..decisions import read_decisions
 from ..errors import UserError
 from ..images import ImageError, inspect
 from .download import (
+    USER_AGENT_ENV,
     Cancelled,
     Clock,
     FetchError,
@@ -33,10 +35,19 @@ from .download import (
     countable,
     has_contact,
     is_transient,
+    too_large,
     user_agent,
 )
 from .report import CategoryReport, GatherReport
-from .sources import SOURCES, Candidate, SearchError, Source, SourceSettings, create_source
+from .sources import (
+    SOURCES,
+    Candidate,
+    SearchError,
+    Source,
+    SourceSettings,
+    create_source,
+    licence_refusal,
+)
 from .store import (
     DUPLICATE_OF,
     FAILED,
@@ -164,6 +175,7 @@ def round_robin(streams: Sequence[Iterator[Candidate]], report: CategoryReport) 
                 continue
             except SearchError as error:
                 report.search_errors.append(str(error))
+                report.search_failures.append(error.failure)
                 active.remove(stream)
                 continue
             report.candidates += 1
@@ -437,12 +449,26 @@ def _fail_when_no_search_worked(report: GatherReport, name: str) -> None:
     failed = [item for item in report.categories if item.search_errors and not item.candidates]
     if failed and len(failed) == len(report.categories) and not any(item.total for item in failed):
         first = failed[0].search_errors[0]
-        if "(" in first.rsplit(":", 1)[-1] or "run the same command again" in first:
+        if failed[0].search_failures[0] in NAMED_FAILURES:
             raise UserError(first)  # it already says what to do
         raise UserError(
             f"{first}; check the internet connection, or try another --source "
             f"({', '.join(n for n in SOURCES if n != name)})"
         )
+
+
+NAMED_FAILURES = frozenset(
+    {FetchFailure.OFFLINE, FetchFailure.DNS, FetchFailure.TLS, FetchFailure.BLOCKED, FetchFailure.LIMIT}
+)
+"""Search failures whose line already says what to do."""
+
+
+def option_reasons(options: GatherOptions) -> frozenset[str]:
+    """The rejections today's options make, so tried.csv's earlier ones under other options are retried."""
+    licences = {licence_refusal(text, options.licence) for text in ("", "CC BY-NC", "CC BY-ND")}
+    return frozenset(
+        {too_small(options.min_side).reason, too_large(options.policy.max_bytes).reason} | licences
+    )
 
 
 def gather(
@@ -452,7 +478,7 @@ def gather(
     name = options.source_name()
     _check_options(options, name)
     policy = options.policy
-    if options.contact:
+    if options.contact or os.environ.get(USER_AGENT_ENV):
         policy = replace(policy, user_agent=user_agent(options.contact))
     client = HttpClient(policy, clock=options.clock)
     root = workspace.images
@@ -471,7 +497,7 @@ def gather(
     limit = options.limit if options.limit is not None else source.default_limit
     report = GatherReport(source=name, root=root)
     _prepare_folders(root, categories)
-    store = ImageStore(root, read_decisions(root))
+    store = ImageStore(root, read_decisions(root), option_reasons(options))
     pool = ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="gather")
     try:
         store.scan(pool.map)

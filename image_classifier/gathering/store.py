@@ -24,7 +24,7 @@ from ..atomic import write_atomic
 from ..decisions import Decisions
 from ..errors import UserError
 from ..images import ImageError, ImageInfo, inspect, list_image_files
-from .download import Fetched, FetchError, FetchFailure
+from .download import FAILURE_LABELS, Fetched, FetchError, FetchFailure
 from .sources import Candidate
 
 MANIFEST_NAME = "manifest.csv"
@@ -49,6 +49,11 @@ TRIED_FIELDS = ["url", "category", "source", "outcome", "file", "reason", "time"
 KEPT, DUPLICATE_OF, REJECTED, FAILED = "kept", "duplicate", "rejected", "failed"
 FINAL_OUTCOMES = frozenset({KEPT, DUPLICATE_OF, REJECTED})
 """Outcomes a re-run believes; a FAILED URL (offline, timeout, 5xx, a limit) is tried again."""
+OPTION_REASONS = tuple(
+    FAILURE_LABELS[failure]
+    for failure in (FetchFailure.TOO_SMALL, FetchFailure.TOO_LARGE, FetchFailure.LICENCE)
+)
+"""Rejections that depend on today's options rather than on the URL alone."""
 SEARCHES_NAME = "searches.json"
 """How far each search got (the next page), so a re-run after a daily limit continues where it stopped."""
 MANUAL_SOURCE = "manual"
@@ -72,7 +77,10 @@ class CheckedImage:
 class ImageStore:
     """The images folder: what it holds (by content hash), the manifest, and adding files without overwriting."""
 
-    def __init__(self, root: Path, decisions: Decisions | None = None) -> None:
+    def __init__(
+        self, root: Path, decisions: Decisions | None = None, current: frozenset[str] = frozenset()
+    ) -> None:
+        """`current`: the option-dependent reasons (too small, too large, licence) today's options give."""
         self.root = root
         self.decisions = decisions or Decisions()
         self.manifest = root / MANIFEST_NAME
@@ -82,7 +90,7 @@ class ImageStore:
             row["url"] for row in self.rows if row.get("url") and row.get("source") != MANUAL_SOURCE
         }
         self.tried = TriedUrls(root / TRIED_NAME)
-        self.known_urls |= self.tried.final()
+        self.known_urls |= self.tried.final(current)
         self.hashes: dict[str, str] = {}
         """sha256 -> file (relative to root) of every image anywhere in the category folders."""
         self.file_hashes: dict[str, str] = {}
@@ -231,8 +239,19 @@ class TriedUrls:
                 ) from None
         self._needs_newline = _lacks_final_newline(path)
 
-    def final(self) -> set[str]:
-        return {url for url, row in self.last.items() if row["outcome"] in FINAL_OUTCOMES}
+    def final(self, current: frozenset[str] = frozenset()) -> set[str]:
+        """URLs not to fetch again. A rejection that other options would not make (a smaller --min-side,
+        a larger --max-mb, another --license) is tried again; the same rejection today is believed."""
+        return {
+            url
+            for url, row in self.last.items()
+            if row["outcome"] in FINAL_OUTCOMES
+            and (
+                row["outcome"] != REJECTED
+                or not row["reason"].startswith(OPTION_REASONS)
+                or row["reason"] in current
+            )
+        }
 
     def append(self, url: str, category: str, source: str, outcome: str, file: str, reason: str) -> None:
         row = {"url": url, "category": category, "source": source, "outcome": outcome, "file": file}
