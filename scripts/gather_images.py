@@ -50,6 +50,14 @@ def query_arg(text: str) -> tuple[str, str]:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = cli.make_parser(__doc__ or "")
     parser.formatter_class = _HelpFormatter
+    _what_options(parser)
+    _how_options(parser)
+    args = parser.parse_args(argv)
+    gather(cli.workspace_of(args), GatherOptions.from_args(args))
+
+
+def _what_options(parser: argparse.ArgumentParser) -> None:
+    """What to gather, and from where."""
     parser.add_argument(
         "--categories",
         type=cli.categories_type(minimum=1),  # one is enough: gather one category at a time
@@ -93,6 +101,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="how Wikimedia can reach you, sent in the User-Agent (required by --source wikimedia, "
         "or set GATHER_USER_AGENT)",
     )
+
+
+def _how_options(parser: argparse.ArgumentParser) -> None:
+    """How hard to fetch: concurrency, patience, limits."""
     parser.add_argument(
         "--workers", type=cli.positive_int, default=DEFAULT_WORKERS, help="downloads at the same time"
     )
@@ -126,8 +138,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--max-mb", type=cli.positive_float, default=25.0, help="largest file to download, in MB"
     )
-    args = parser.parse_args(argv)
-    gather(cli.workspace_of(args), GatherOptions.from_args(args))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from image_classifier.config import Workspace
 from image_classifier.decisions import record_decisions
 from image_classifier.errors import UserError
 from image_classifier.gathering.download import FetchError, FetchFailure, FetchPolicy, HttpClient
-from image_classifier.gathering.run import STATE_DIR
+from image_classifier.gathering.run import STATE_DIR, GatherOptions, gather
 
 only_this_machine = fake_services.only_this_machine
 web = fake_services.web
@@ -317,13 +317,26 @@ def _resolver(monkeypatch: pytest.MonkeyPatch, code: int, message: str) -> None:
     monkeypatch.setattr(socket, "getaddrinfo", lookup)
 
 
-def test_offline_is_named_not_out_of_results(workspace: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        (socket.EAI_AGAIN, "Temporary failure in name resolution"),
+        (socket.EAI_NONAME, "Name or service not known"),
+    ],
+)
+def test_offline_is_named_not_out_of_results(
+    code: int, message: str, workspace: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resolver that cannot reach its upstream says EAI_AGAIN; one with none configured, EAI_NONAME.
+    Either way the service's own host exists, so the machine is offline."""
     monkeypatch.delenv("OPENVERSE_API_URL", raising=False)
-    _resolver(monkeypatch, socket.EAI_AGAIN, "Temporary failure in name resolution")
+    _resolver(monkeypatch, code, message)
+    lines: list[str] = []
     with pytest.raises(UserError) as caught:
-        run_gather(workspace, categories=("cat",), source="openverse")
+        gather(workspace, GatherOptions(categories=("cat",), policy=FAST, progress=False), lines.append)
     assert "no internet connection" in str(caught.value) and "connect and run again" in str(caught.value)
-    assert "ran out of results" not in str(caught.value)
+    assert "api.openverse.org" in str(caught.value)
+    assert "ran out of results" not in "\n".join(lines)
 
 
 def test_dns_tls_and_offline_downloads_each_have_their_reason(

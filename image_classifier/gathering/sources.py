@@ -169,6 +169,12 @@ class SearchSource(Source):
         if error.failure is FetchFailure.LIMIT and error.limit is not None:
             self.stopped = SearchError(self.limit_message(error.limit), FetchFailure.LIMIT, error.limit)
             return self.stopped
+        if error.failure is FetchFailure.DNS:  # the service's own host exists: name lookups are failing
+            return SearchError(
+                f"{self.label} search for {query!r} failed: cannot look up {error.detail}, which exists: "
+                "this machine seems to have no internet connection or no working DNS (connect and run again)",
+                FetchFailure.OFFLINE,
+            )
         hint = FAILURE_HINTS.get(error.failure, "")
         if error.failure is FetchFailure.BLOCKED and "User-Agent" in error.qualifier:
             hint = f" (give a way to contact you with --contact, or set {USER_AGENT_ENV})"
