@@ -282,8 +282,9 @@ class FetchPolicy:
     """Extra tries after a timeout, a dropped connection, a 429 or a 5xx."""
     backoff: float = 1.0
     """First wait between tries in seconds; doubles each time, with jitter."""
-    max_wait: float = 600.0
-    """A Retry-After longer than this is a limit reached (LIMIT), not a wait."""
+    max_wait: float = 60.0
+    """A Retry-After longer than this is a limit reached (LIMIT), not a wait; gather's --max-wait sets it
+    (10 minutes by default), predict and serve keep this minute."""
     max_bytes: int = 25 * 1024 * 1024
     max_redirects: int = 5
     user_agent: str = field(default_factory=default_user_agent)

@@ -107,7 +107,7 @@ class GatherOptions:
     from_path: Path | None = None
     workers: int = DEFAULT_WORKERS
     min_side: int = DEFAULT_MIN_SIDE
-    policy: FetchPolicy = field(default_factory=FetchPolicy)
+    policy: FetchPolicy = field(default_factory=lambda: FetchPolicy(max_wait=DEFAULT_MAX_WAIT))
     progress: bool = True
     licence: str = "any"
     contact: str = ""
