@@ -155,6 +155,11 @@ def read_config_file(path: Path, cls) -> dict[str, Any]:
         raise UserError(f"--config {path} holds no options object; give a run's config.json or a best.json")
     known = {item.name for item in dataclasses.fields(cls)}
     unknown = sorted(set(options) - known)
+    if unknown and "options" not in content and not set(options) & known:
+        raise UserError(
+            f"--config {path} is not a run's config.json or a tuning best.json (none of its keys is an option, "
+            f"such as {', '.join(unknown[:3])}); give one of those"
+        )
     if unknown:
         raise UserError(
             f"--config {path} has options this version does not know: {', '.join(unknown)}; remove them"
