@@ -29,6 +29,7 @@ def batch_source(
     seed: int = 0,
     augmenter=None,
     class_weight: dict[int, float] | None = None,
+    passes: int = 1,
 ):
     """`build(batch_size, num_shards=1, shard_index=0)` -> batches of one shard of (x, y).
 
@@ -37,7 +38,7 @@ def batch_source(
     its own rows; a shard of several repeats forever, and `fit` is given the steps per epoch, because
     workers whose shards differ by one row must still take the same number of steps. With
     `class_weight`, batches carry per-sample weights (which work under every tf.distribute strategy,
-    where fit's own class_weight does not).
+    where fit's own class_weight does not). `passes` makes one epoch several reshuffled passes over the rows.
     """
     import_keras()
     import tensorflow as tf
@@ -70,6 +71,8 @@ def batch_source(
             indices = indices.shuffle(count, seed=seed, reshuffle_each_iteration=True)
         if num_shards > 1:
             indices = indices.repeat()
+        elif passes > 1:
+            indices = indices.repeat(passes)
         batches = indices.batch(batch_size).map(load, num_parallel_calls=tf.data.AUTOTUNE)
         if augmenter is not None:
             batches = batches.map(

@@ -366,3 +366,22 @@ def test_schedule_and_batch_norm_default_per_model_and_for_older_runs(tmp_path):
     del options["lr_schedule"], options["batch_norm"]  # a config.json older than these options
     older = TrainConfig.from_options(options)
     assert older.lr_schedule == "constant" and older.batch_norm is False
+
+
+def test_a_tiny_folder_still_trains_the_head_to_convergence(tmp_path, keras_home):
+    """8 photos per category and --epochs 3 are 3 optimizer steps of one batch: the head gets enough steps."""
+    images = make_image_folders(tmp_path / "images", {"red": 8, "blue": 8})
+    lines: list[str] = []
+    config = TrainConfig(
+        categories=("red", "blue"), images_dir=images, image_size=96, epochs=3, engine="keras", workers=1
+    )
+    run = train(
+        config, Workspace(tmp_path / "ws"), print_fn=lambda *parts: lines.append(" ".join(map(str, parts)))
+    )
+    output = "\n".join(lines)
+    passes = int(re.search(r"passes over them (\d+) times", output).group(1))
+    assert passes > 1
+    history = pickle.loads((run / "history.pickle").read_bytes())
+    chance = np.log(2)  # the loss of a 2-category head that has learned nothing
+    assert len(history["loss"]) == 3, "--epochs keeps its meaning"
+    assert history["loss"][-1] < chance / 10 and history["accuracy"][-1] == 1.0

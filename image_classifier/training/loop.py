@@ -264,12 +264,22 @@ class Trainer:
                     continue
                 inputs = phase.start(self)
                 self.print_fn(inputs.announcement)
-                self._fit(inputs, state.phase_start, state.phase_start + phase.epochs(self.config))
+                last_epoch = state.phase_start + phase.epochs(self.config)
+                self._fit(inputs, state.phase_start, last_epoch)
+                self._say_if_still_improving(last_epoch)
                 self._end_phase(names[index + 1] if index + 1 < len(names) else FINISHED)
         except KeyboardInterrupt as error:
             if isinstance(error, Interrupted):
                 raise
             raise Interrupted(self.run, state.epochs_done) from None
+
+    def _say_if_still_improving(self, last_epoch: int) -> None:
+        """A phase whose best epoch is its last stopped for lack of epochs, not because it had learned enough."""
+        if self.checkpoint.best_epoch is not None and self.checkpoint.best_epoch + 1 == last_epoch:
+            self.print_fn(
+                f"The validation loss was still falling at the last epoch ({last_epoch}): this phase stopped for "
+                "lack of epochs, not because it had converged; more epochs (--epochs, --fine-tune-epochs) may help"
+            )
 
     def _end_phase(self, following: str) -> None:
         """Mark the phase done in the backup, with the best weights in the model, as the next phase starts."""
@@ -284,7 +294,7 @@ class Trainer:
         """One phase's epochs: compile, put back a resumed phase's optimizer, fit with the run's callbacks."""
         from .backup import GracefulStop
 
-        count = inputs.train_count or len(self.y_train)
+        count = (inputs.train_count or len(self.y_train)) * inputs.passes
         self._compile(inputs, last_epoch - first_epoch, count)
         early_stopping = self._early_stopping()
         state = self.state
