@@ -61,6 +61,8 @@ BATCH_WINDOW = 0.01
 """Seconds the model thread waits for more requests after the first one, to batch them."""
 MAX_LOADED_RUNS = 3
 """Runs kept in memory at once; the page can switch between more, the oldest is let go."""
+MAX_REQUESTS = 16
+"""Requests read and answered at once; more wait their turn, so memory stays under 16 x --max-mb."""
 READ_TIMEOUT = 30.0
 """Seconds a client may take to send its request: a stalled upload must not hold a thread for ever."""
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
@@ -410,8 +412,9 @@ class Batcher:
         self.top_k = top_k
         self.threshold = threshold
         self.window = window
-        self.batches: list[int] = []
-        """Photos per model call, for /health and the load test."""
+        self.batches = 0
+        """Model calls so far (each with every photo waiting then), for /health and the load test."""
+        self.photos = 0
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._closed = False
@@ -423,7 +426,7 @@ class Batcher:
         """Load the model and run it once (a backbone's fast engine starts here), so the first photo is quick."""
         size = self.run.image_size
         self.submit(["warm-up"], [np.zeros((size, size, 3), np.uint8)]).result()
-        self.batches.clear()
+        self.batches = self.photos = 0
 
     def submit(
         self, names: list[str], arrays: list[np.ndarray], views: list[np.ndarray] | None = None
@@ -463,7 +466,8 @@ class Batcher:
             names = [name for job in jobs for name in job.names]
             images = np.stack([array for job in jobs for array in job.arrays])
             predictions = self.predictor.predictions(names, images, self.top_k, self.threshold)
-            self.batches.append(len(names))
+            self.batches += 1
+            self.photos += len(names)
             start = 0
             for job in jobs:
                 count = len(job.arrays)
@@ -556,6 +560,7 @@ class Server(ThreadingHTTPServer):
         self.photos_served = 0
         self.refused = 0
         self.count_lock = threading.Lock()
+        self.slots = threading.BoundedSemaphore(MAX_REQUESTS)
         super().__init__((options.host, options.port), Handler)
         self.loopback = ipaddress.ip_address(self.server_address[0]).is_loopback
 
@@ -595,12 +600,17 @@ class Handler(BaseHTTPRequestHandler):
         try:
             self._check_host()
             action(urlsplit(self.path))
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client left; there is no one to answer
         except RequestError as error:
             with self.server.count_lock:
                 self.server.refused += 1
             self.close_connection = True  # the body may be unread: this connection's bytes are not a request
             headers = {"WWW-Authenticate": "Bearer"} if error.status == HTTPStatus.UNAUTHORIZED else {}
             self._send_json(error.status, {"error": error.reason}, headers)
+        except UserError as error:  # the run itself cannot be used (say, an inconsistent run folder)
+            self.close_connection = True
+            self._send_json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": str(error)})
         except Exception as error:
             self.close_connection = True
             self.log_error("internal error: %s: %s", type(error).__name__, error)
@@ -652,7 +662,11 @@ class Handler(BaseHTTPRequestHandler):
         if url.path != "/predict":
             raise RequestError(HTTPStatus.NOT_FOUND, f"no endpoint {_shown(url.path)!r}; POST to /predict")
         self._check_token()
-        query = {key: values[-1] for key, values in parse_qs(url.query).items()}
+        with self.server.slots:
+            self._predict({key: values[-1] for key, values in parse_qs(url.query).items()})
+
+    def _predict(self, query: dict[str, str]) -> None:
+        """Read the photos, keep them if asked, and answer with the model's records once its batch is done."""
         batcher = self.server.models.get(query.get("run"))
         names, arrays, originals = self._photos(self._body(), batcher.run, query)
         if self.server.options.keep_uploads:
@@ -691,7 +705,12 @@ class Handler(BaseHTTPRequestHandler):
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 f"the request is {size / 1024 / 1024:.1f} MB, over the server's --max-mb {self.server.options.max_mb:g} MB",
             )
-        body = self.rfile.read(size)
+        try:
+            body = self.rfile.read(size)
+        except TimeoutError:
+            raise RequestError(
+                HTTPStatus.REQUEST_TIMEOUT, f"the body did not arrive within {READ_TIMEOUT:g} s"
+            ) from None
         if len(body) < size:
             raise RequestError(HTTPStatus.BAD_REQUEST, f"the body ended after {len(body)} of {size} bytes")
         return body
@@ -766,7 +785,7 @@ def health(server: Server, name: str | None = None) -> dict:
         "requests": server.requests_served,
         "photos": server.photos_served,
         "refused": server.refused,
-        "batches": len(batcher.batches),
+        "batches": batcher.batches,
     }
 
 

@@ -322,7 +322,7 @@ def test_requests_that_arrive_together_share_one_batch(cnn_run, photos, monkeypa
     release.set()
     results = [future.result(60)[0] for future in (first, *waiting)]
     batcher.close()
-    assert calls == [1, 4] and batcher.batches == [1, 4]
+    assert calls == [1, 4] and (batcher.batches, batcher.photos) == (2, 5)
     assert [predictions[0].source for predictions in results] == ["first", "next0", "next1", "next2", "next3"]
 
 
