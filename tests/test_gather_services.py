@@ -247,6 +247,18 @@ def test_a_ddg_search_with_nothing_says_it_may_be_a_block(web: Web, workspace: W
     assert "the source has no images for it" not in text
 
 
+def test_a_ddg_connection_refused_is_not_called_offline(
+    workspace: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("DDG_URL", f"http://127.0.0.1:{port}")
+    with pytest.raises(UserError, match="Connection refused") as caught:
+        run_gather(workspace, categories=("horse",), source="ddg")
+    assert "no internet connection" not in str(caught.value)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Re-runs and review decisions
 

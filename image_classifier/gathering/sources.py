@@ -471,6 +471,13 @@ class DdgSource(SearchSource):
             status = getattr(engine, "last_status", None)
             if status is not None and status != 200:
                 raise self._refused(status, query) from None
+            text = str(error)
+            if text.startswith("DNSError") or (text.startswith("ConnectError") and "refused" not in text):
+                raise SearchError(
+                    f"{self.label} search for {query!r} failed: cannot reach {urlsplit(self.site).hostname}: "
+                    "this machine seems to have no internet connection or no working DNS (connect and run again)",
+                    FetchFailure.OFFLINE,
+                ) from None
             raise SearchError(f"{self.label} search for {query!r} failed: {error}") from None
         if response.status_code != 200:
             raise self._refused(response.status_code, query)
