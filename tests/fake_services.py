@@ -253,6 +253,11 @@ class Handler(BaseHTTPRequestHandler):
                 web.active -= 1
                 web.group_active[group] -= 1
 
+    def send_response(self, code: int, message: str | None = None) -> None:
+        with self.server.web.lock:
+            self.server.web.statuses.append((urlsplit(self.path).path, code))
+        super().send_response(code, message)
+
     def log_message(self, format: str, *args: object) -> None:
         pass
 
@@ -270,6 +275,7 @@ class Web:
         self.routes: dict[str, Responder] = {}
         self.hits: Counter = Counter()
         self.requests: list[tuple[str, dict, dict]] = []
+        self.statuses: list[tuple[str, int]] = []
         self.lock = threading.Lock()
         self.active = 0
         self.max_active = 0

@@ -782,6 +782,10 @@ def _load_script():
         (["--categories", "cat,../dog"], "bad category name"),
         (["--categories", "cat,cat"], "category listed twice"),
         (["--categories", "cat", "--limit", "0"], "expected a whole number above 0"),
+        (["--categories", "cat", "--source", "wikimedia"], "needs a way to contact you"),
+        (["--categories", "cat", "--contact", "me"], "neither an email address nor a URL"),
+        (["--from", ".", "--license", "commercial"], "--license only filters search sources"),
+        (["--categories", "cat", "--license", "free"], "invalid choice: 'free'"),
     ],
 )
 def test_script_bad_input_is_one_line_and_exit_2(

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import socket
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import fake_services
@@ -54,24 +55,23 @@ def pages_asked(web: Web, query: str) -> list[int]:
 # Openverse
 
 
-def test_a_retry_after_over_a_minute_is_waited_out_with_a_countdown(web: Web, workspace: Workspace) -> None:
+def test_a_retry_after_over_a_minute_is_waited_out_with_a_countdown(
+    web: Web, workspace: Workspace, capsys: pytest.CaptureFixture
+) -> None:
     web.ov_anon_rates = {"anon_burst": "2/hour"}
-    web.openverse["cat"] = photos(web, "o", 60, 2000, width=40, height=40)  # listed too small: no downloads
-    report, text = run_gather(
-        workspace, categories=("cat",), source="openverse", limit=3, policy=PATIENT, clock=web.clock
-    )
-    policy = FetchPolicy(timeout=2, retries=2, backoff=0.01, max_wait=4000)
-    counted: list[float] = []
-    client = HttpClient(policy, clock=web.clock)
-    client.on_wait = lambda host, left: counted.append(left)
-    assert "rate limit asks for a longer wait" in text and "2/hour (anon_burst)" in text
+    web.openverse["cat"] = photos(web, "o", 80, 2000, width=40, height=40)  # listed too small: no downloads
+    options = dict(categories=("cat",), source="openverse", limit=3, clock=web.clock)
+    report, text = run_gather(workspace, policy=PATIENT, **options)
+    assert "rate limit asks for a longer wait than --max-wait (its limit: 2/hour (anon_burst))" in text
     assert pages_asked(web, "cat") == [1, 2, 3]  # the third got a 429 asking for about an hour
-    answer = client.get_json(web.url("/v1/images/"), {"q": "cat", "page": 3, "page_size": 20})
-    assert answer["page"] == 3
-    assert counted[0] > 3000 and counted[-1] == 0  # counted down about an hour, whole
-    assert sum(web.clock.slept) > 3000
-    refused = [q for q in web.queries("/v1/images/") if q.get("page") == "3"]
-    assert len(refused) == 3  # run's try, the client's first try (429), then the one after the wait
+
+    report, text = run_gather(workspace, policy=replace(PATIENT, max_wait=4000), progress=True, **options)
+    answers = [code for path, code in web.statuses if path == "/v1/images/"]
+    assert answers == [200, 200, 429, 429, 200, 200]  # after the wait, answered: not back too early
+    assert sorted(set(pages_asked(web, "cat"))) == [1, 2, 3, 4]  # continued at page 3, to the end
+    assert 3500 < sum(web.clock.slept) < 3700  # about an hour, honoured in full
+    assert "waiting 3599 s for 127.0.0.1 (its rate limit)" in capsys.readouterr().err
+    assert "ran out of results" in text
 
 
 def test_a_daily_limit_mid_run_stops_the_source_and_a_rerun_continues(web: Web, workspace: Workspace) -> None:
