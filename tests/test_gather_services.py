@@ -104,6 +104,10 @@ def test_no_page_past_20_is_asked_for_and_page_21_is_refused(web: Web, workspace
         HttpClient(FAST).get_json(web.url("/v1/images/"), {"q": "cat", "page": 21})
     assert caught.value.status == 400  # the fake holds the rule the client avoids
     assert "ran out of results" in text
+    report, text = run_gather(workspace, categories=("cat",), source="openverse", limit=600)
+    again = list(range(1, 21))  # read to its end, so afresh from page 1 (21 was this test's own ask)
+    assert pages_asked(web, "cat") == [*range(1, 21), 21, *again]
+    assert "ran out of results" in text and report.categories[0].candidates == 20 * 20
 
 
 def test_credentials_token_cached_owner_only_renewed_and_never_shown(

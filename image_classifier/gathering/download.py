@@ -42,7 +42,7 @@ USER_AGENT_ENV = "GATHER_USER_AGENT"
 def user_agent(contact: str = "") -> str:
     """The User-Agent the Wikimedia policy asks for: `<client>/<version> (<contact>) <library>/<version>`.
 
-    $GATHER_USER_AGENT replaces it whole; `contact` (--contact) is an email address or a URL.
+    $GATHER_USER_AGENT replaces it whole, unless `contact` (--contact: an email address or a URL) is given.
     """
     given = os.environ.get(USER_AGENT_ENV, "").strip()
     if given and not contact:

@@ -368,15 +368,17 @@ class OpenverseSource(SearchSource):
             data = self._page(query, page)
             results = data.get("results") if isinstance(data, dict) else None
             if not results:
-                return
+                break
             for item in results:
                 if item.get("url"):
                     yield self._candidate(item)
             if self.progress:
                 self.progress.reached(key, page + 1)
             if page >= (_int(data.get("page_count")) or 0):
-                return
+                break
             page += 1
+        if self.progress:
+            self.progress.finished(key)  # a search read to its end starts afresh next time
 
     def _page(self, query: str, page: int) -> Any:
         params = {"q": query, "page": page, "page_size": self.PAGE_SIZE, "category": "photograph"}

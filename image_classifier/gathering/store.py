@@ -290,7 +290,16 @@ class SearchProgress:
         """Every candidate on the pages before `page` was taken: a re-run starts at `page`."""
         if page > self.next_page(key):
             self.pages[key] = page
-            write_atomic(self.path, json.dumps(self.pages, indent=1, sort_keys=True).encode())
+            self._write()
+
+    def finished(self, key: str) -> None:
+        """The search was read to its end: the next run reads it from page 1 again (new uploads come
+        first; the URLs already tried are skipped unfetched)."""
+        if self.pages.pop(key, None) is not None:
+            self._write()
+
+    def _write(self) -> None:
+        write_atomic(self.path, json.dumps(self.pages, indent=1, sort_keys=True).encode())
 
 
 def read_manifest(path: Path) -> list[dict[str, str]]:
