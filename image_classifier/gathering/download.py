@@ -202,6 +202,8 @@ class RateLimit:
     """Epoch seconds when the server said it will answer again."""
     limits: tuple[tuple[str, str, int | None], ...] = ()
     """(scope, limit like `100/day`, requests still available) from X-RateLimit-* headers."""
+    wait: float = 0.0
+    """Seconds the server asked to wait (Retry-After)."""
 
     def exhausted(self) -> list[tuple[str, str]]:
         """(scope, limit) of the limits with nothing left: the ones that refused."""
@@ -209,9 +211,7 @@ class RateLimit:
 
     def is_daily(self) -> bool:
         used_up = self.exhausted() or [(scope, rate) for scope, rate, _ in self.limits]
-        return any(rate.endswith(("/day", "/d")) for _, rate in used_up) or (
-            self.resume_at - time.time() > 6 * 3600
-        )
+        return any(rate.endswith(("/day", "/d")) for _, rate in used_up) or self.wait > 6 * 3600
 
 
 def rate_limits(headers: Any) -> tuple[tuple[str, str, int | None], ...]:
@@ -668,7 +668,7 @@ class HttpClient:
         response.close()
         host = urlsplit(response.url).hostname or ""
         if wait is not None and wait > self.policy.max_wait:
-            limit = RateLimit(host=host, resume_at=self.clock.now() + wait, limits=limits)
+            limit = RateLimit(host=host, resume_at=self.clock.now() + wait, limits=limits, wait=wait)
             detail = f"asked to retry after {wait:.0f} s"
             return _Retry(FetchError(FetchFailure.LIMIT, detail, status=status, limit=limit), wait)
         return _Retry(FetchError(FetchFailure.HTTP_STATUS, status=status), wait)

@@ -199,7 +199,6 @@ def limit_rates(limit: RateLimit) -> list[tuple[str, str]]:
 
 FAILURE_HINTS = {
     FetchFailure.OFFLINE: " (this machine seems to have no internet connection: connect and run again)",
-    FetchFailure.DNS: " (the host name does not resolve: check the URL, or the network's DNS)",
     FetchFailure.TLS: " (a network in between may be intercepting secure connections: try another network)",
     FetchFailure.BLOCKED: " (the service blocks this client)",
 }
