@@ -241,7 +241,8 @@ def test_the_media_host_gets_two_downloads_at_a_time(web: Web, workspace: Worksp
 def test_a_ddg_search_answered_403_is_named_a_block(web: Web, workspace: Workspace) -> None:
     web.ddg_status = 403
     with pytest.raises(UserError, match=r"DuckDuckGo refused the search for 'horse' \(HTTP 403\): a block"):
-        run_gather(workspace, categories=("horse",), source="ddg")
+        run_gather(workspace, categories=("horse", "cow"), source="ddg")
+    assert len(web.queries("/ddg/i.js")) == 1  # a block holds for every query: no second one is sent
 
 
 def test_a_ddg_search_with_nothing_says_it_may_be_a_block(web: Web, workspace: Workspace) -> None:

@@ -93,6 +93,7 @@ class OpenverseCredentials:
     def _store(self, token: str, expires_at: float) -> None:
         """Owner-only from the first byte: the file is created 0600 in a 0700 folder, then renamed."""
         self.cache.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.cache.parent, 0o700)
         temporary = self.cache.with_name(f".{self.cache.name}.{os.getpid()}")
         temporary.unlink(missing_ok=True)
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

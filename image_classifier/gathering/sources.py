@@ -485,6 +485,13 @@ class DdgSource(SearchSource):
         return [vars(item) for item in engine.extract_results(response.text)]
 
     def _refused(self, status: int, query: str) -> SearchError:
+        """A block or a rate limit holds for every query from this address: the source stops for the run."""
+        error = self._refusal(status, query)
+        if error.failure in (FetchFailure.BLOCKED, FetchFailure.LIMIT):
+            self.stopped = error
+        return error
+
+    def _refusal(self, status: int, query: str) -> SearchError:
         if status == 403:
             return SearchError(
                 f"{self.label} refused the search for {query!r} (HTTP 403): a block of this address; wait an "
