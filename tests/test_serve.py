@@ -1,7 +1,7 @@
 """scripts/serve.py for real: the API against a trained run, every bad request refused with its reason while
 the server goes on, no request forgery through image URLs, and the page in headless Chromium.
 
-The servers run in this process on 127.0.0.1 (port 0: a free one), over the session's `cnn_run`. Image URLs
+The servers run in this process on 127.0.0.1 (port 0: a free one), over a copy of the session's `cnn_run` workspace with a second run. Image URLs
 point at a small HTTP server the tests start on 127.0.0.2, which the server under test is told to allow
 (--allow-networks 127.0.0.2/32) the way an operator allows a LAN: 127.0.0.1 itself stays forbidden, so a
 redirect from the allowed host back to 127.0.0.1 is exactly the forgery the guard must stop.
@@ -13,7 +13,9 @@ import base64
 import io
 import json
 import os
+import shutil
 import threading
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -24,22 +26,43 @@ from conftest import ANIMALS, run_script, tree_digest
 from PIL import Image
 
 from image_classifier import serving
+from image_classifier.config import Workspace
 from image_classifier.predict import PredictOptions, run_predict
 from image_classifier.serving import AddressGuard, BlockedAddress, ServeOptions, start_server
 
 IMAGE_HOST = "127.0.0.2"
 
 
+@dataclass(frozen=True)
+class Served:
+    """A copy of the session's cnn_run workspace holding a second finished run, for the run selector."""
+
+    workspace: Workspace
+    images: Path
+    run: Path
+    second: Path
+
+
 @pytest.fixture(scope="module")
-def photos(cnn_run) -> list[Path]:
+def served(cnn_run, tmp_path_factory) -> Served:
+    root = tmp_path_factory.mktemp("served") / "workspace"
+    shutil.copytree(cnn_run.workspace.root, root, symlinks=True)
+    workspace = Workspace(root)
+    run = workspace.runs / cnn_run.run.name
+    second = workspace.runs / f"{run.name}-second"
+    shutil.copytree(run, second)
+    return Served(workspace, cnn_run.images, run, second)
+
+
+@pytest.fixture(scope="module")
+def photos(served) -> list[Path]:
     return (
-        sorted((cnn_run.images / "red").glob("*.jpg"))[:2]
-        + sorted((cnn_run.images / "blue").glob("*.jpg"))[:1]
+        sorted((served.images / "red").glob("*.jpg"))[:2] + sorted((served.images / "blue").glob("*.jpg"))[:1]
     )
 
 
-def start(cnn_run, capsys=None, **options):
-    server = start_server(ServeOptions(port=0, **options), cnn_run.workspace)
+def start(served, capsys=None, **options):
+    server = start_server(ServeOptions(port=0, **options), served.workspace)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     return server
@@ -52,8 +75,8 @@ def stop(server) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(cnn_run):
-    running = start(cnn_run, allow_networks=(f"{IMAGE_HOST}/32",), max_mb=1.0)
+def server(served):
+    running = start(served, allow_networks=(f"{IMAGE_HOST}/32",), max_mb=1.0)
     yield running
     stop(running)
 
@@ -86,13 +109,13 @@ class ImageSite(BaseHTTPRequestHandler):
 def image_site(photos, server):
     site = ThreadingHTTPServer((IMAGE_HOST, 0), ImageSite)
     base = f"http://{IMAGE_HOST}:{site.server_address[1]}"
-    served = f"http://127.0.0.1:{server.server_address[1]}"
+    target = f"http://127.0.0.1:{server.server_address[1]}"
     ImageSite.files = {
         "/photo.jpg": ("image/jpeg", photos[0].read_bytes()),
         "/page.html": ("text/html", b"<!doctype html><html><body>a gallery</body></html>"),
     }
     ImageSite.redirects = {
-        "/to-loopback": f"{served}/health",
+        "/to-loopback": f"{target}/health",
         "/to-localhost": f"http://localhost:{server.server_address[1]}/health",
         "/to-private": "http://10.20.30.40/photo.jpg",
         "/to-metadata": "http://169.254.169.254/latest/meta-data/",
@@ -118,10 +141,10 @@ def predict_url(server, image_url: str) -> requests.Response:
     return requests.post(url(server, "predict"), json={"url": image_url}, timeout=60)
 
 
-def predict_json(cnn_run, paths: list[Path]) -> dict:
+def predict_json(served, paths: list[Path]) -> dict:
     out, err = io.StringIO(), io.StringIO()
-    options = PredictOptions(inputs=tuple(map(str, paths)), run=str(cnn_run.run), output="json")
-    run_predict(options, cnn_run.workspace, out=out, err=err)
+    options = PredictOptions(inputs=tuple(map(str, paths)), run=str(served.run), output="json")
+    run_predict(options, served.workspace, out=out, err=err)
     return json.loads(out.getvalue())
 
 
@@ -129,8 +152,8 @@ def without_inputs(document: dict) -> dict:
     return {**document, "predictions": [{**p, "input": None} for p in document["predictions"]]}
 
 
-def test_predictions_are_predict_json_for_the_same_photos(server, cnn_run, photos, image_site):
-    expected = predict_json(cnn_run, photos)
+def test_predictions_are_predict_json_for_the_same_photos(server, served, photos, image_site):
+    expected = predict_json(served, photos)
     response = predict_files(server, *[(path.name, path.read_bytes()) for path in photos])
     assert response.status_code == 200, response.text
     document = response.json()
@@ -149,7 +172,7 @@ def test_predictions_are_predict_json_for_the_same_photos(server, cnn_run, photo
     assert raw.json()["predictions"][0] == {**expected["predictions"][0], "input": "raw.jpg"}
 
 
-def test_heatmaps_are_grad_cam_over_the_photo(server, cnn_run, photos):
+def test_heatmaps_are_grad_cam_over_the_photo(server, served, photos):
     from image_classifier import explain
     from image_classifier.images import load_array
 
@@ -160,18 +183,27 @@ def test_heatmaps_are_grad_cam_over_the_photo(server, cnn_run, photos):
     prefix = "data:image/png;base64,"
     assert record["heatmap"].startswith(prefix)
     drawn = np.asarray(Image.open(io.BytesIO(base64.b64decode(record["heatmap"][len(prefix) :]))))
-    heatmap = explain.gradcam(serving.RunFolder(cnn_run.run), load_array(photos[2], 32, "squash")[None])[0]
+    heatmap = explain.gradcam(serving.RunFolder(served.run), load_array(photos[2], 32, "squash")[None])[0]
     expected = explain.overlay(load_array(photos[2], 224, "squash"), heatmap)
     assert drawn.shape == (224, 224, 3)
     assert np.abs(drawn.astype(int) - expected.astype(int)).max() <= 2
 
 
-def test_health_names_the_run_and_its_labels(server, cnn_run):
+def test_health_names_the_run_and_its_labels_and_other_runs_answer(server, served, photos):
     health = requests.get(url(server, "health"), timeout=10).json()
-    assert health["run"] == cnn_run.run.name
-    assert health["labels"] == json.loads((cnn_run.run / "labels.json").read_text())
-    assert health["runs"] == [cnn_run.run.name]
+    assert health["run"] == served.run.name
+    assert health["labels"] == json.loads((served.run / "labels.json").read_text())
+    assert health["runs"] == [served.run.name, served.second.name]
     assert health["image_size"] == 32
+    other = requests.get(url(server, f"health?run={served.second.name}"), timeout=10).json()
+    assert other["run"] == served.second.name and other["labels"] == health["labels"]
+    photo = photos[0]
+    answer = predict_files(
+        server, (photo.name, photo.read_bytes()), params={"run": served.second.name}
+    ).json()
+    assert answer["run"] == str(served.second.resolve())
+    (expected,) = predict_json(served, [photo])["predictions"]
+    assert answer["predictions"] == [{**expected, "input": photo.name}]
     unknown = requests.get(url(server, "health?run=../../etc"), timeout=10)
     assert unknown.status_code == 404 and "no finished run" in unknown.json()["error"]
 
@@ -207,8 +239,8 @@ def assert_refused(response: requests.Response, status: int, words: str) -> None
     assert words in reason and "\n" not in reason, reason
 
 
-def test_bad_uploads_are_refused_with_a_reason_and_the_server_goes_on(server, cnn_run, photos):
-    before = tree_digest(cnn_run.workspace.root)
+def test_bad_uploads_are_refused_with_a_reason_and_the_server_goes_on(server, served, photos):
+    before = tree_digest(served.workspace.root)
     refused = requests.get(url(server, "health"), timeout=10).json()["refused"]
     cases = bad_uploads(photos)
     for name, data, status, words in cases:
@@ -232,7 +264,7 @@ def test_bad_uploads_are_refused_with_a_reason_and_the_server_goes_on(server, cn
     assert good.status_code == 200, good.text
     health = requests.get(url(server, "health"), timeout=10).json()
     assert health["refused"] - refused == len(cases) + 5
-    assert tree_digest(cnn_run.workspace.root) == before  # nothing uploaded was kept
+    assert tree_digest(served.workspace.root) == before  # nothing uploaded was kept
 
 
 def test_image_urls_cannot_reach_private_addresses(server, image_site, photos):
@@ -265,8 +297,8 @@ def test_the_guard_checks_each_address():
         guard.check(address, "host")
 
 
-def test_token_keep_uploads_and_listening_on_every_address(cnn_run, photos, capsys):
-    server = start(cnn_run, host="0.0.0.0", token="s3cret-token", keep_uploads=True)
+def test_token_keep_uploads_and_listening_on_every_address(served, photos, capsys):
+    server = start(served, host="0.0.0.0", token="s3cret-token", keep_uploads=True)
     try:
         warning = capsys.readouterr().err
         assert "warning: listening on 0.0.0.0" in warning and "--token" not in warning
@@ -282,26 +314,26 @@ def test_token_keep_uploads_and_listening_on_every_address(cnn_run, photos, caps
             headers={"Authorization": "Bearer s3cret-token"},
         )
         assert answer.status_code == 200, answer.text
-        kept = sorted(cnn_run.workspace.uploads.iterdir())
+        kept = sorted(served.workspace.uploads.iterdir())
         assert [path.read_bytes() for path in kept] in (
             [photo[1], photos[1].read_bytes()],
             [photos[1].read_bytes(), photo[1]],
         )
-        assert all(path.parent == cnn_run.workspace.uploads and ";" not in path.name for path in kept)
+        assert all(path.parent == served.workspace.uploads and ";" not in path.name for path in kept)
     finally:
         stop(server)
-        for path in cnn_run.workspace.uploads.glob("*"):
+        for path in served.workspace.uploads.glob("*"):
             path.unlink()
-        cnn_run.workspace.uploads.rmdir()
+        served.workspace.uploads.rmdir()
     capsys.readouterr()
-    lonely = start(cnn_run, host="0.0.0.0")
+    lonely = start(served, host="0.0.0.0")
     stop(lonely)
     assert "give --token" in capsys.readouterr().err
 
 
-def test_requests_that_arrive_together_share_one_batch(cnn_run, photos, monkeypatch):
+def test_requests_that_arrive_together_share_one_batch(served, photos, monkeypatch):
     """While the model is busy with one request, four more arrive; they go through it as one batch."""
-    run = serving.RunFolder.find(cnn_run.workspace, str(cnn_run.run))
+    run = serving.RunFolder.find(served.workspace, str(served.run))
     batcher = serving.Batcher(run, top_k=3, threshold=0.0)
     calls: list[int] = []
     busy, release = threading.Event(), threading.Event()
@@ -342,14 +374,14 @@ pytestmark_browser = pytest.mark.skipif(
 
 
 @pytestmark_browser
-def test_the_page_shows_labels_heatmaps_and_unknown_photos(server, cnn_run, photos, tmp_path, capsys):
+def test_the_page_shows_labels_heatmaps_and_unknown_photos(server, served, photos, tmp_path, capsys):
     from playwright.sync_api import sync_playwright
     from test_tensorboard_browser import CHROMIUM_ARGS, screenshot
 
-    known = predict_json(cnn_run, photos)["predictions"]
+    known = predict_json(served, photos)["predictions"]
     assert known[0]["known"] is True
     outsider = next(iter(sorted(ANIMALS.rglob("*.jp*g"))))
-    (stranger,) = predict_json(cnn_run, [outsider])["predictions"]
+    (stranger,) = predict_json(served, [outsider])["predictions"]
     assert stranger["known"] is False, "the run should find a real photo of an animal unlike its colour blobs"
     path = os.environ.get("CHROMIUM") or "/usr/bin/chromium"
     with sync_playwright() as playwright:
@@ -358,7 +390,7 @@ def test_the_page_shows_labels_heatmaps_and_unknown_photos(server, cnn_run, phot
             page = browser.new_page()
             page.goto(url(server))
             page.get_by_text("Ready.").wait_for(timeout=30_000)
-            assert page.locator("#run").input_value() == cnn_run.run.name
+            assert page.locator("#run").input_value() == served.run.name
             page.locator("#files").set_input_files([str(photos[0]), str(outsider)])
             page.locator(".card .label").nth(1).wait_for(timeout=60_000)
             page.locator(".card img.heatmap").nth(1).wait_for(timeout=60_000)
@@ -370,6 +402,13 @@ def test_the_page_shows_labels_heatmaps_and_unknown_photos(server, cnn_run, phot
             other = cards[outsider.name]
             assert "unknown" in other.get_attribute("class")
             assert "None of these" in other.locator(".verdict").inner_text()
+            assert first.locator(".run").inner_text() == f"run {served.run.name}"
             screenshot(page, "serve-page", capsys)
+
+            page.locator("#run").select_option(served.second.name)
+            page.get_by_text(f"Categories of {served.second.name}: ").wait_for(timeout=30_000)
+            page.locator("#files").set_input_files([str(photos[1])])
+            page.locator(".card .run").nth(2).wait_for(timeout=60_000)
+            assert page.locator(".card .run").first.inner_text() == f"run {served.second.name}"
         finally:
             browser.close()

@@ -111,6 +111,7 @@ async function predict(name, picture, body) {
   try {
     const answer = await call("predict?" + query, { method: "POST", ...body });
     show(node, answer.predictions[0]);
+    node.append(element("div", "run", "run " + answer.run.split("/").pop()));
   } catch (error) {
     show(node, { error: error.message });
   }
