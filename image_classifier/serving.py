@@ -811,6 +811,8 @@ def start_server(options: ServeOptions, workspace: Workspace, err=None) -> Serve
         )
     print(f"Loading run {run.name} ({len(run.labels)} labels: {', '.join(run.labels)})", file=err)
     models = Models(run, options.top_k, options.threshold)
+    if models.get(None).predictor.cannot_judge:
+        print(f"note: {models.get(None).predictor.cannot_judge}", file=err)
     policy = FetchPolicy(timeout=15.0, max_time=60.0, retries=1, max_bytes=options.max_bytes)
     try:
         return Server(options, models, GuardedHttpClient(policy, guard))

@@ -374,7 +374,7 @@ pytestmark_browser = pytest.mark.skipif(
 
 
 @pytestmark_browser
-def test_the_page_shows_labels_heatmaps_and_unknown_photos(server, served, photos, tmp_path, capsys):
+def test_the_page_shows_labels_heatmaps_and_unknown_photos(server, served, photos, image_site, capsys):
     from playwright.sync_api import sync_playwright
     from test_tensorboard_browser import CHROMIUM_ARGS, screenshot
 
@@ -405,10 +405,19 @@ def test_the_page_shows_labels_heatmaps_and_unknown_photos(server, served, photo
             assert first.locator(".run").inner_text() == f"run {served.run.name}"
             screenshot(page, "serve-page", capsys)
 
+            page.locator("#url").fill(f"{image_site}/photo.jpg")
+            page.get_by_role("button", name="Predict").click()
+            by_url = page.locator(".card").first
+            by_url.locator(".run").wait_for(timeout=60_000)
+            assert by_url.locator(".name").inner_text() == f"{image_site}/photo.jpg"
+            assert (
+                by_url.locator(".label").inner_text().startswith(known[0]["label"] + " ")
+            )  # photos[0] again
+
             page.locator("#run").select_option(served.second.name)
             page.get_by_text(f"Categories of {served.second.name}: ").wait_for(timeout=30_000)
             page.locator("#files").set_input_files([str(photos[1])])
-            page.locator(".card .run").nth(2).wait_for(timeout=60_000)
+            page.locator(".card .run").nth(3).wait_for(timeout=60_000)
             assert page.locator(".card .run").first.inner_text() == f"run {served.second.name}"
         finally:
             browser.close()
