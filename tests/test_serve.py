@@ -170,6 +170,10 @@ def test_predictions_are_predict_json_for_the_same_photos(server, served, photos
         headers={"Content-Type": "image/jpeg"},
     )
     assert raw.json()["predictions"][0] == {**expected["predictions"][0], "input": "raw.jpg"}
+    named = predict_files(
+        server, ("ねこ 1.jpg", photos[0].read_bytes())
+    ).json()  # browsers send UTF-8 names raw
+    assert named["predictions"][0] == {**expected["predictions"][0], "input": "ねこ 1.jpg"}
 
 
 def test_heatmaps_are_grad_cam_over_the_photo(server, served, photos):
