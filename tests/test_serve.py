@@ -227,7 +227,8 @@ def bad_uploads(photos: list[Path]) -> list[tuple[str, bytes, int, str]]:
         ("page.jpg", b"<!DOCTYPE html><html><head><title>x</title></head></html>", 415, "an HTML page"),
         ("cut.jpg", jpeg[: len(jpeg) // 2], 422, "truncated"),
         ("bomb.png", bomb(), 422, "decompression bomb"),
-        ("huge.jpg", jpeg + noise, 413, "--max-mb 1 MB"),
+        ("huge.jpg", jpeg + noise, 413, "--max-mb 1 MB"),  # the body: refused before it is read
+        ("big.jpg", jpeg + noise[: 1024 * 1024], 413, "big.jpg: 1.0 MB is over the server's --max-mb 1 MB"),
         ("empty.jpg", b"", 400, "empty file"),
         ("../../etc/passwd", jpeg, 400, "path parts"),
         ("..\\..\\boot.ini", jpeg, 400, "path parts"),
@@ -279,6 +280,7 @@ def test_image_urls_cannot_reach_private_addresses(server, image_site, photos):
         ("javascript:alert(1)", 400, "not an http(s) URL"),
         (f"http://127.0.0.1:{port}/health", 403, "loopback"),
         (f"http://[::1]:{port}/health", 403, "loopback"),
+        (f"https://127.0.0.1:{port}/photo.jpg", 403, "loopback"),  # refused before any TLS handshake
         (f"http://0x7f000001:{port}/health", 403, "127.0.0.1"),
         (f"{image_site}/to-loopback", 403, "127.0.0.1, a loopback address"),
         (f"{image_site}/to-localhost", 403, "localhost is at"),
@@ -311,6 +313,10 @@ def test_token_keep_uploads_and_listening_on_every_address(served, photos, capsy
         wrong = predict_files(server, photo, headers={"Authorization": "Bearer guess"})
         assert_refused(wrong, 401, "needs a token")
         assert requests.get(url(server), timeout=10).status_code == 200  # the page itself holds no secret
+        trick = predict_files(
+            server, ("../../outside.jpg", photo[1]), headers={"Authorization": "Bearer s3cret-token"}
+        )
+        assert_refused(trick, 400, "path parts")
         answer = predict_files(
             server,
             photo,
