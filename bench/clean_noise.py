@@ -139,11 +139,14 @@ def off_topic_auc(options, workspace, rows: list[dict]) -> dict[str, float]:
     off = {relative(r) for r in rows if r["off"]}
     truth = np.array([f in off for f in files])
     probabilities = cleaning.out_of_fold_probabilities(features, labels, options.folds, options.seed)
-    knn = cleaning.off_topic_scores(features)
+    knn10 = OutOfDistribution({"k": 10}).fit_score(features=features.astype(np.float32), verbose=False)
     by_probs = OutOfDistribution().fit_score(pred_probs=probabilities, labels=labels, verbose=False)
     nearest = NearestNeighbors(n_neighbors=2, metric="cosine").fit(features).kneighbors(features)[0][:, 1]
     return {
-        "cleanlab OutOfDistribution, features (10-NN cosine)": roc_auc_score(truth, -knn),
+        f"cleanlab OutOfDistribution, features, k = sqrt(N) = {round(np.sqrt(len(files)))} (clean.py's)": roc_auc_score(
+            truth, -cleaning.off_topic_scores(features)
+        ),
+        "cleanlab OutOfDistribution, features, k = 10 (its default)": roc_auc_score(truth, -knn10),
         "cleanlab OutOfDistribution, out-of-fold probabilities": roc_auc_score(truth, -by_probs),
         "distance to the nearest photo": roc_auc_score(truth, nearest),
     }

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import make_image_folders, run_script, script_command, synthetic_photo, tree_digest
+from conftest import ROOT, make_image_folders, run_script, script_command, synthetic_photo, tree_digest
 from test_tensorboard_browser import CHROMIUM_ARGS, chromium, free_port  # noqa: F401 (a fixture)
 
 from image_classifier.cleaning import REVIEW_FIELDS
@@ -200,3 +200,24 @@ def test_the_page_saves_marked_photos_through_the_local_server(reviewed, chromiu
         process.terminate()
         process.wait(timeout=10)
         reviewed.undo()
+
+
+def test_the_notebook_section_shows_the_same_ranking(reviewed):
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(ROOT / "notebook" / "history.ipynb", as_version=4)
+    setup = [cell for cell in notebook.cells if "reports.find_workspace()" in cell.source]
+    section = [cell for cell in notebook.cells if "cleaning.read_review" in cell.source]
+    assert len(setup) == 1 and len(section) == 1
+    notebook.cells = setup + section
+    env = {**os.environ, "WORKSPACE": str(reviewed.workspace)}
+    NotebookClient(
+        notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+    ).execute(env=env)
+    text = "".join(output.get("text", "") for output in notebook.cells[-1].outputs)
+    planted = next(row for row in reviewed.rows() if row["file"] == PLANTED)
+    assert f"Review of {len(reviewed.photos) - 1} photos" in text, (
+        "every photo but the copy preprocessing left out"
+    )
+    assert f"{planted['rank']:>4}  {PLANTED}" in text and "blue -> red" in text
