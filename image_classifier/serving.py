@@ -842,7 +842,7 @@ def serve(options: ServeOptions, workspace: Workspace, err=None) -> Server:
         server.models.close()
         print(
             f"Served {server.photos_served} photo{'s' if server.photos_served != 1 else ''} in "
-            f"{server.requests_served} requests; refused {server.refused}",
+            f"{server.requests_served} request{'s' if server.requests_served != 1 else ''}; refused {server.refused}",
             file=err,
         )
     return server

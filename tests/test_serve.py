@@ -13,7 +13,10 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
+import signal
+import subprocess
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from conftest import ANIMALS, run_script, tree_digest
+from conftest import ANIMALS, run_script, script_command, tree_digest
 from PIL import Image
 
 from image_classifier import serving
@@ -366,6 +369,32 @@ def test_requests_that_arrive_together_share_one_batch(served, photos, monkeypat
     batcher.close()
     assert calls == [1, 4] and (batcher.batches, batcher.photos) == (2, 5)
     assert [predictions[0].source for predictions in results] == ["first", "next0", "next1", "next2", "next3"]
+
+
+def test_the_script_serves_until_ctrl_c_then_says_what_it_served(served, photos):
+    process = subprocess.Popen(
+        script_command("serve.py", "--workspace", str(served.workspace.root), "--port", "0"),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for line in process.stderr:
+            found = re.search(r"Serving run (\S+) on (http://127\.0\.0\.1:\d+/)", line)
+            if found:
+                break
+        assert found and found.group(1) == served.run.name
+        answer = requests.post(
+            found.group(2) + "predict", files={"file": (photos[0].name, photos[0].read_bytes())}
+        )
+        assert answer.status_code == 200, answer.text
+        process.send_signal(signal.SIGINT)
+        rest = process.communicate(timeout=30)[1]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0
+    assert rest.strip().splitlines()[-1] == "Served 1 photo in 1 request; refused 0"
 
 
 def test_the_script_without_a_run_says_so_in_one_line(tmp_path):
