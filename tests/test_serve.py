@@ -412,6 +412,15 @@ pytestmark_browser = pytest.mark.skipif(
 )
 
 
+DROP_FILE = """(zone, file) => {
+    const bytes = Uint8Array.from(atob(file.data), (char) => char.charCodeAt(0));
+    const transfer = new DataTransfer();
+    transfer.items.add(new File([bytes], file.name, { type: "image/jpeg" }));
+    zone.dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true }));
+}"""
+"""A photo dropped on the page, as a file dragged from the desktop arrives (a drop event with its File)."""
+
+
 @pytestmark_browser
 def test_the_page_shows_labels_heatmaps_and_unknown_photos(server, served, photos, image_site, capsys):
     from playwright.sync_api import sync_playwright
@@ -453,10 +462,16 @@ def test_the_page_shows_labels_heatmaps_and_unknown_photos(server, served, photo
                 by_url.locator(".label").inner_text().startswith(known[0]["label"] + " ")
             )  # photos[0] again
 
+            dropped = base64.b64encode(photos[2].read_bytes()).decode("ascii")
+            page.locator("#drop").evaluate(DROP_FILE, {"name": "dropped.jpg", "data": dropped})
+            page.locator(".card .run").nth(3).wait_for(timeout=60_000)
+            assert page.locator(".card .name").first.inner_text() == "dropped.jpg"
+            assert page.locator(".card .label").first.inner_text().startswith(known[2]["label"] + " ")
+
             page.locator("#run").select_option(served.second.name)
             page.get_by_text(f"Categories of {served.second.name}: ").wait_for(timeout=30_000)
             page.locator("#files").set_input_files([str(photos[1])])
-            page.locator(".card .run").nth(3).wait_for(timeout=60_000)
+            page.locator(".card .run").nth(4).wait_for(timeout=60_000)
             assert page.locator(".card .run").first.inner_text() == f"run {served.second.name}"
         finally:
             browser.close()
