@@ -267,11 +267,17 @@ def test_bad_uploads_are_refused_with_a_reason_and_the_server_goes_on(server, se
     )
     assert_refused(requests.post(url(server, "predict?run=nope"), data=b"x"), 404, "no finished run")
     assert_refused(requests.get(url(server, "nothing-here"), timeout=10), 404, "no page")
+    rebound = requests.get(url(server, "health"), headers={"Host": "attacker.example:8501"}, timeout=10)
+    assert_refused(rebound, 403, "is not this server")  # DNS rebinding: another site's name for 127.0.0.1
+    other_site = predict_files(
+        server, (photos[0].name, photos[0].read_bytes()), headers={"Origin": "https://attacker.example"}
+    )
+    assert_refused(other_site, 403, "cross-site request")
 
     good = predict_files(server, (photos[0].name, photos[0].read_bytes()))
     assert good.status_code == 200, good.text
     health = requests.get(url(server, "health"), timeout=10).json()
-    assert health["refused"] - refused == len(cases) + 5
+    assert health["refused"] - refused == len(cases) + 7
     assert tree_digest(served.workspace.root) == before  # nothing uploaded was kept
 
 
