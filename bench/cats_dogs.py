@@ -109,7 +109,9 @@ def recipes() -> list[Recipe]:
     ]
 
 
-def command_of(recipe: Recipe, mode: str, images_dir: str, workspace: str) -> list[str]:
+def command_of(
+    recipe: Recipe, mode: str, images_dir: str, workspace: str, categories: str = "cats,dogs"
+) -> list[str]:
     if recipe.baseline:
         return ["python", "bench/tf_tutorial_baseline.py", "--images-dir", images_dir]
     return [
@@ -118,18 +120,20 @@ def command_of(recipe: Recipe, mode: str, images_dir: str, workspace: str) -> li
         "--images-dir",
         images_dir,
         "--categories",
-        "cats,dogs",
+        categories,
         "--workspace",
         workspace,
         *recipe.args(mode),
     ]
 
 
-def run_recipe(recipe: Recipe, mode: str, images_dir: Path, scratch: Path, env: dict) -> dict:
+def run_recipe(
+    recipe: Recipe, mode: str, images_dir: Path, scratch: Path, env: dict, categories: str = "cats,dogs"
+) -> dict:
     workspace = scratch / f"workspace-{recipe.number}"
     log = scratch / f"row{recipe.number}.log"
     result_json = scratch / f"row{recipe.number}.json"
-    command = command_of(recipe, mode, str(images_dir), str(workspace))
+    command = command_of(recipe, mode, str(images_dir), str(workspace), categories)
     command[0] = sys.executable
     if recipe.baseline:
         command += ["--json", str(result_json)]
