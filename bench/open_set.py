@@ -99,12 +99,32 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)])
 
 
+def noise_floor(run, draws: int = 200) -> float:
+    """The mean ECE a perfectly calibrated model would show on this many test photos with these
+    confidences: each photo right with probability its confidence (what the ECE of a finite split can resolve)."""
+    import csv
+
+    from image_classifier.calibration import expected_calibration_error
+
+    with open(run.file("test_predictions.csv"), newline="", encoding="utf-8") as handle:
+        confidence = np.array([float(row["confidence"]) for row in csv.DictReader(handle)])
+    probabilities = np.c_[confidence, 1 - confidence]
+    rng = np.random.default_rng(0)
+    values = [
+        expected_calibration_error(probabilities, (rng.random(len(confidence)) >= confidence).astype(int))
+        for _ in range(draws)
+    ]
+    return float(np.mean(values))
+
+
 def calibration_line(run) -> str:
     found = run.metrics["calibration"]
     return (
         f"{run.name}: temperature {found['temperature']}, test ECE {found['test_ece_before']:.1%} before, "
         f"{found['test_ece_after']:.1%} after (validation {found['validation_ece_before']:.1%} -> "
-        f"{found['validation_ece_after']:.1%}); test accuracy {run.metrics['test_accuracy']:.1%}"
+        f"{found['validation_ece_after']:.1%}); test accuracy {run.metrics['test_accuracy']:.1%} on "
+        f"{run.metrics.get('test_count')} photos; a perfectly calibrated model would show "
+        f"{noise_floor(run):.1%} on as many"
     )
 
 

@@ -34,6 +34,8 @@ METHODS = ("knn", "prototype", "mahalanobis", "softmax")
 DEFAULT_METHOD = "knn"
 """Chosen by bench/open_set.py (docs/trust.md has the numbers): the most rejected unknowns at 95% kept."""
 FILE = "openset.npz"
+SMALL_VALIDATION = 50
+"""Below this many validation photos a 95% threshold is mostly chance (9 photos: their minimum)."""
 MAX_BYTES = 4_000_000
 """The nearest-neighbour references are float16 rows, subsampled (every class alike) to stay this small."""
 
@@ -107,9 +109,21 @@ class OpenSet:
         return tf.reduce_max(tf.matmul(unit, references, transpose_b=True), axis=1)
 
     def with_threshold(self, validation_scores: np.ndarray, known_rate: float) -> OpenSet:
-        """The threshold that keeps `known_rate` of the (known) validation photos."""
-        threshold = float(np.quantile(np.asarray(validation_scores), 1.0 - known_rate, method="lower"))
+        """The threshold that keeps `known_rate` of the known photos: the validation photos, and when there
+        are fewer than SMALL_VALIDATION of them, also each training photo scored against the others."""
+        scores = np.asarray(validation_scores, np.float64)
+        if len(scores) < SMALL_VALIDATION and self.method == "knn":
+            scores = np.r_[scores, self.leave_one_out()]
+        threshold = float(np.quantile(scores, 1.0 - known_rate, method="lower"))
         return OpenSet(self.method, self.arrays, threshold, known_rate)
+
+    def leave_one_out(self) -> np.ndarray:
+        """knn: each reference's similarity to its nearest other reference (a new photo's score, as if it
+        had been held out)."""
+        references = self.arrays["references"].astype(np.float32)
+        similarity = references @ references.T
+        np.fill_diagonal(similarity, -np.inf)
+        return similarity.max(axis=1).astype(np.float64) if len(references) > 1 else np.zeros(0)
 
     def known(self, scores: np.ndarray) -> np.ndarray:
         return np.asarray(scores) >= self.threshold

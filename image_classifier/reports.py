@@ -239,18 +239,41 @@ def _image_of(run: RunFolder, images: np.ndarray | None, index: int, source: str
     return None
 
 
-def plot_misclassified(run: RunFolder, limit: int = 24, max_columns: int = 6) -> Figure | None:
-    """A grid of wrongly classified test images titled with true and predicted class; None if there are none."""
+def mistake_heatmaps(run: RunFolder, mistakes: Sequence[Mistake]) -> list[np.ndarray | None]:
+    """Grad-CAM heatmaps (explain.py) of the mistakes' images: where the model looked when it went wrong.
+    None for an image that is not found, and for all of them when the model has no feature maps (mlp)."""
+    shown = [mistake.image for mistake in mistakes if mistake.image is not None]
+    if not shown:
+        return [None] * len(mistakes)
+    from .explain import gradcam
+
+    try:
+        heatmaps = iter(gradcam(run, np.stack(shown)))
+    except UserError:
+        return [None] * len(mistakes)
+    return [None if mistake.image is None else next(heatmaps) for mistake in mistakes]
+
+
+def plot_misclassified(
+    run: RunFolder, limit: int = 24, max_columns: int = 6, heatmaps: bool = True
+) -> Figure | None:
+    """A grid of wrongly classified test images titled with true and predicted class; None if there are none.
+
+    With `heatmaps`, each image has its Grad-CAM heatmap drawn over it (the photo stays the first image of
+    its axes)."""
     mistakes, total = misclassified(run, limit)
     if not mistakes:
         return None
+    maps = mistake_heatmaps(run, mistakes) if heatmaps else [None] * len(mistakes)
     columns = min(max_columns, math.ceil(math.sqrt(len(mistakes))))
     rows = math.ceil(len(mistakes) / columns)
     figure = Figure(figsize=(max(2.3 * columns, 6.0), 2.6 * rows + 0.8), layout="constrained")
     axes = np.atleast_1d(figure.subplots(rows, columns)).ravel()
-    for ax, mistake in zip(axes, mistakes, strict=False):
+    for ax, mistake, heatmap in zip(axes, mistakes, maps, strict=False):
         if mistake.image is not None:
             ax.imshow(mistake.image)
+        if heatmap is not None:
+            ax.imshow(heatmap, cmap="jet", alpha=0.4, vmin=0, vmax=1, interpolation="bilinear")
         else:
             ax.text(0.5, 0.5, "image not found", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(
@@ -264,6 +287,8 @@ def plot_misclassified(run: RunFolder, limit: int = 24, max_columns: int = 6) ->
     text = f"{total} of {test_count} test images misclassified" if test_count else f"{total} misclassified"
     if total > len(mistakes):
         text += f", the {len(mistakes)} most confident shown"
+    if any(heatmap is not None for heatmap in maps):
+        text += "; Grad-CAM: where the model looked"
     figure.suptitle(f"{run.name}\n{text}")
     return use_fonts_for(figure)
 

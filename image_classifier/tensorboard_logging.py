@@ -6,7 +6,8 @@ evaluation this module adds:
 
 logs/            the run's options as hyperparameters (HParams dashboard: sort and compare runs)
 logs/test/       the test loss and accuracy of the kept model, at its epoch, on the same charts as the
-                 training curves; the misclassified test images and the confusion matrix (Images tab)
+                 training curves; the misclassified test images with their Grad-CAM heatmaps (where the
+                 model looked) and the confusion matrix (Images tab)
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def log_run_summaries(run: RunFolder) -> None:
                 _decode_png(tf, figure_png(figure)),
                 step=step,
                 description="Test images the kept model got wrong, most confident first: "
-                "true class, predicted class and the model's confidence.",
+                "true class, predicted class and the model's confidence, with a Grad-CAM heatmap of "
+                "where it looked.",
             )
         matrix = run.path / "confusion_matrix.png"
         if matrix.is_file():

@@ -45,8 +45,9 @@ def test_the_notebook_shows_the_latest_run_found_from_the_notebook_folder(traine
     assert f"run folder:       {trained_runs.transfer.resolve()}" in text
     assert "fine-tuning from: epoch 3" in text
     assert "true red, predicted" in text, "the misclassified photos are listed"
-    # curves, confusion matrix, misclassified grid, comparison of the last three runs
-    assert len(outputs(executed, "image/png")) == 4
+    assert "test ECE:" in text and '"none of these":' in text
+    # curves, confusion matrix, misclassified grid, reliability diagram, comparison of the last three runs
+    assert len(outputs(executed, "image/png")) == 5
 
 
 def test_one_cell_chooses_another_run(trained_runs):
@@ -60,7 +61,7 @@ def test_one_cell_chooses_another_run(trained_runs):
     text = "".join(outputs(executed, "text"))
     assert f"run folder:       {trained_runs.cnn.resolve()}" in text
     assert "fine-tuning from" not in text
-    assert len(outputs(executed, "image/png")) == 4
+    assert len(outputs(executed, "image/png")) == 5
 
 
 def test_the_notebook_is_checked_in_without_outputs():
