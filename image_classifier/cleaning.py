@@ -308,7 +308,6 @@ def rank_photos(options: CleanOptions, workspace: Workspace, print_fn: PrintFn =
     dataset = prepare_dataset(options.preprocess_options(), workspace, print_fn=print_fn)
     files, labels = dataset_rows(dataset)
     check_folds(labels, dataset.labels, options.folds, options.images_dir)
-    get_spec(options.model)
     features = backbone_features(dataset, options, workspace, print_fn)
     probabilities = out_of_fold_probabilities(features, labels, options.folds, options.seed)
     scores = off_topic_scores(features)
@@ -453,6 +452,14 @@ def apply_auto(review: Review, options: CleanOptions) -> str:
     )
 
 
+def _is_current(workspace: Workspace, options: CleanOptions) -> bool:
+    try:
+        current_review(workspace, options)
+    except UserError:
+        return False
+    return True
+
+
 def run_clean(
     options: CleanOptions,
     workspace: Workspace,
@@ -472,13 +479,9 @@ def run_clean(
             ) from None
         print_fn(apply_decisions(text, options, workspace, str(decisions)))
         return
-    reuse = serve and apply is None
-    try:
-        if not reuse:
-            raise UserError("no reuse")
-        current_review(workspace, options)
+    if serve and apply is None and _is_current(workspace, options):
         print_fn(f"Serving the review in {review_folder(workspace)} (it is of these photos as they are now)")
-    except UserError:
+    else:
         review = rank_photos(options, workspace, print_fn)
         write_review(review, options, workspace, print_fn)
         if apply == "auto":
