@@ -22,7 +22,9 @@ from conftest import ROOT, make_image_folders, run_script, script_command, synth
 from test_tensorboard_browser import CHROMIUM_ARGS, chromium, free_port  # noqa: F401 (a fixture)
 
 from image_classifier.cleaning import REVIEW_FIELDS
+from image_classifier.config import Workspace
 from image_classifier.decisions import EXCLUDE_FILE, RELABEL_FILE, read_decisions
+from image_classifier.preprocess import PreprocessOptions, prepare_dataset
 
 CATEGORIES = "red,blue,green"
 PLANTED = "blue/img_900.jpg"
@@ -90,6 +92,12 @@ def test_review_ranks_the_wrong_label_and_the_copy_and_auto_excludes_the_flagged
     flagged = {row["file"] for row in rows if row["issue"] in ("label", "off-topic")}
     assert read_decisions(reviewed.images).excluded == flagged
     assert "--apply auto excluded" in reviewed.output
+    options = PreprocessOptions(
+        categories=tuple(CATEGORIES.split(",")), images_dir=reviewed.images, image_size=64
+    )
+    dataset = prepare_dataset(options, Workspace(reviewed.workspace), print_fn=lambda *_: None)
+    used = {name for split in ("train", "validation", "test") for name in dataset.source_files(split)}
+    assert used and not used & flagged, "preprocessing leaves the excluded photos out"
     assert photos_only(reviewed.images) == reviewed.photos
 
 
