@@ -35,6 +35,7 @@ from .atomic import write_atomic, write_json
 from .config import Workspace
 from .dataset import Dataset
 from .decisions import EXCLUDE_FILE, RELABEL_FILE, normalize, record_decisions
+from .engines import ENGINES
 from .errors import UserError
 from .images import list_image_files
 from .models import DEFAULT_MODEL, REGISTRY, get_spec
@@ -93,10 +94,14 @@ class CleanOptions:
         DEFAULT_MODEL,
     )
     engine: str | None = declared(
-        Declaration("what runs the backbone (see train --help)", group="review", choices=("keras", "litert", "onnx"),
-                    default_text="litert on a CPU, keras on a GPU"),
+        Declaration(
+            "what runs the backbone (as for training)",
+            group="review",
+            choices=ENGINES,
+            default_text="litert on a CPU, keras on a GPU",
+        ),
         None,
-    )  # fmt: skip
+    )
     folds: int = declared(
         Declaration(
             "K: each photo is scored by a head trained on the other K-1 folds",
@@ -203,8 +208,8 @@ def backbone_features(dataset: Dataset, options: CleanOptions, workspace: Worksp
 def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     """Each photo's class probabilities from a head that did not see it (stratified K folds).
 
-    A standardized multinomial logistic regression: convex, so seconds per fold and no epochs to pick,
-    and on backbone features as accurate as the Keras head."""
+    A standardized multinomial logistic regression: convex, so no epochs to pick and a few seconds per fold
+    per thousand photos, and on backbone features as accurate as the Keras head."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
     from sklearn.pipeline import make_pipeline
