@@ -141,11 +141,19 @@ SHOWN_SIZE = 224
 class HeatmapWriter:
     """predict.py --explain DIR: each photo as the model saw it, its Grad-CAM heatmap over it, as a PNG."""
 
-    def __init__(self, model, folder: Path) -> None:
-        self.explainer = GradCam(model)
+    def __init__(self, load_model, folder: Path) -> None:
+        """`load_model` gives the model on the first photo: inputs that are all unreadable load nothing."""
+        self.load_model = load_model
+        self._explainer = None
         self.folder = folder
         self.taken: set[str] = set()
         self.written: list[Path] = []
+
+    @property
+    def explainer(self) -> GradCam:
+        if self._explainer is None:
+            self._explainer = GradCam(self.load_model())
+        return self._explainer
 
     def __call__(self, names: list[str], images: np.ndarray) -> list[Path]:
         import io

@@ -426,7 +426,7 @@ def run_predict(
         folder = explanation_folder(options.explain)
     predictor = Predictor(run)
     if options.explain is not None:
-        explain = HeatmapWriter(predictor.model, folder)
+        explain = HeatmapWriter(lambda: predictor.model, folder)
     if predictor.cannot_judge:
         print(f"note: {predictor.cannot_judge}", file=err)
     predictions = predict_sources(

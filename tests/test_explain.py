@@ -111,3 +111,21 @@ def test_bad_explain_input_ends_in_one_line_and_exit_2(cnn_run, tmp_path, inputs
     assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
     assert (tmp_path / "photo.png").read_bytes() == before
     assert not list(tmp_path.glob("maps/*.png"))
+
+
+def test_the_misclassified_gallery_draws_each_mistake_with_its_heatmap(trained_runs):
+    from image_classifier import reports
+
+    run = RunFolder.find(trained_runs.workspace, trained_runs.cnn.name)
+    mistakes, _ = reports.misclassified(run, limit=4)
+    figure = reports.plot_misclassified(run, limit=4)
+    shown = [ax for ax in figure.axes if ax.get_images()]
+    expected = gradcam(run, np.stack([mistake.image for mistake in mistakes]))
+    assert len(shown) == len(mistakes) > 0
+    for ax, mistake, heatmap in zip(shown, mistakes, expected, strict=True):
+        photo, heat = ax.get_images()
+        np.testing.assert_array_equal(photo.get_array(), mistake.image)
+        np.testing.assert_allclose(heat.get_array(), heatmap, atol=1e-5)
+    assert "Grad-CAM: where the model looked" in figure.get_suptitle()
+    plain = reports.plot_misclassified(run, limit=4, heatmaps=False)
+    assert all(len(ax.get_images()) == 1 for ax in plain.axes if ax.get_images())

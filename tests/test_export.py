@@ -93,6 +93,15 @@ def test_each_format_round_trips_and_passes_its_check(cnn_run, format, quantize,
     assert np.abs(got - expected).max() <= export.TOLERANCES[quantize]
     if format == "savedmodel":
         assert entry["input"]["shape"] == [None, None, None, 3]
+        import tensorflow as tf
+
+        from image_classifier.predict import Predictor
+
+        serving = tf.saved_model.load(str(result.path)).signatures["serving_default"]
+        known = serving(image=tf.constant(images))["known_score"].numpy()
+        np.testing.assert_allclose(known, Predictor(run).outputs(images)[1], atol=1e-5)
+        assert entry["known_score"]["threshold"] == pytest.approx(run.metrics["open_set"]["threshold"])
+        assert result.check.known_score_difference <= export.TOLERANCES["none"]
         photo = synthetic_photo(2, 600, size=(130, 70))[None]
         np.testing.assert_allclose(
             run_in_own_runtime(result.path, format, photo),

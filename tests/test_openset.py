@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ANIMALS, run_script
+from conftest import ANIMALS
 from PIL import Image
 
 from image_classifier.calibration import (
@@ -166,13 +166,13 @@ def test_a_run_made_before_the_check_predicts_and_says_once_it_cannot_judge(cnn_
     photos.mkdir()
     for index, colour in enumerate([(200, 40, 40), (40, 60, 200), (128, 128, 128)]):
         Image.new("RGB", (40, 30), colour).save(photos / f"photo_{index}.png")
-    result = run_script("predict.py", "photos", "--run", str(old), "--csv", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    notes = [line for line in result.stderr.splitlines() if "cannot judge" in line]
+    out, err = io.StringIO(), io.StringIO()
+    run_predict(PredictOptions(inputs=(str(photos),), run=str(old), output="csv"), workspace, out, err)
+    notes = [line for line in err.getvalue().splitlines() if "cannot judge" in line]
     assert notes == [
         f'note: run {old.name} cannot judge "none of these" (trained before the check existed): every photo '
         "gets its closest category; train again to have it"
     ]
-    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    rows = list(csv.DictReader(io.StringIO(out.getvalue())))
     assert len(rows) == 3 and all(row["label_1"] and row["known"] == "" for row in rows)
-    assert "unknown" not in result.stderr.splitlines()[-1]
+    assert "unknown" not in err.getvalue().splitlines()[-1]
