@@ -355,7 +355,8 @@ class Progress:
         self.trial_started = time.monotonic()
 
     def end(self, trial, oracle) -> bool:
-        """Report the trial; True when the next one would end after the time budget."""
+        """Report the trial; True when the next one and the final training (about a trial's time) would end
+        after the time budget."""
         self.durations.append(time.monotonic() - self.trial_started)
         done = sum(1 for item in oracle.trials.values() if item.status == "COMPLETED")
         best = oracle.get_best_trials(1)
@@ -369,7 +370,7 @@ class Progress:
             f"{best_text}; {to_go} to go, ETA {_clock(min(mean * to_go, left))}, {_clock(left)} left of "
             "--max-minutes"
         )
-        self.stopped_early = bool(to_go) and self.elapsed() + mean > self.budget
+        self.stopped_early = bool(to_go) and self.elapsed() + 2 * mean > self.budget  # a trial, the final run
         return self.stopped_early
 
 
