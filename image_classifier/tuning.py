@@ -387,7 +387,14 @@ def _classes():
     from .tf_env import import_keras
 
     keras = import_keras()
+    return (
+        kt,
+        _head_hypermodel(kt, keras),
+        {"bayesian": with_budget(kt.BayesianOptimization), "hyperband": with_budget(kt.Hyperband)},
+    )
 
+
+def _head_hypermodel(kt, keras):
     class HeadHyperModel(kt.HyperModel):
         """A trial's head (models.build_head, as training builds it) on its features, compiled as training does."""
 
@@ -439,28 +446,27 @@ def _classes():
                 verbose=0,
             )  # fmt: skip
 
-    def with_budget(base):
-        class BudgetedTuner(base):
-            """Stops starting trials when the next would overrun --max-minutes, and reports each trial."""
+    return HeadHyperModel
 
-            progress: Progress
 
-            def on_trial_begin(self, trial):
-                super().on_trial_begin(trial)
-                self.progress.begin()
+def with_budget(base):
+    """`base` (a KerasTuner tuner class) reporting each trial and keeping to --max-minutes."""
 
-            def on_trial_end(self, trial):
-                super().on_trial_end(trial)
-                if self.progress.end(trial, self.oracle):
-                    self.oracle.max_trials = len(self.oracle.trials)  # not saved: --resume has the full count
+    class BudgetedTuner(base):
+        """Stops starting trials when the next would overrun --max-minutes, and reports each trial."""
 
-        return BudgetedTuner
+        progress: Progress
 
-    return (
-        kt,
-        HeadHyperModel,
-        {"bayesian": with_budget(kt.BayesianOptimization), "hyperband": with_budget(kt.Hyperband)},
-    )
+        def on_trial_begin(self, trial):
+            super().on_trial_begin(trial)
+            self.progress.begin()
+
+        def on_trial_end(self, trial):
+            super().on_trial_end(trial)
+            if self.progress.end(trial, self.oracle):
+                self.oracle.max_trials = len(self.oracle.trials)  # not saved: --resume has the full count
+
+    return BudgetedTuner
 
 
 def _make_tuner(options: TuneOptions, store: FeatureStore, folder: Path, progress: Progress):
