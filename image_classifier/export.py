@@ -247,14 +247,17 @@ def _keras_probabilities(model, images: np.ndarray) -> np.ndarray:
 
 def _with_embeddings(model):
     """The model with a second output: the embedding the "none of these" check compares (openset.Embedder)."""
+    from .openset import embedding_width
     from .tf_env import import_keras
 
     keras = import_keras()
+    width = embedding_width(model)
+    if width:
+        pooled = model.get_layer("pool").output
+        return keras.Model(model.input, [model.output, pooled[:, -width:]])
     head = model.get_layer("head")
     both = keras.Model(head.input, [head.output, head.get_layer("predictions").input])
-    names = {layer.name for layer in model.layers}
-    feeder = model.get_layer("pool" if "pool" in names else "flatten").output
-    return keras.Model(model.input, both(feeder))
+    return keras.Model(model.input, both(model.get_layer("flatten").output))
 
 
 def _serving_function(model, image_size: int | None, check=None):

@@ -175,24 +175,45 @@ def _gaussian(embeddings: np.ndarray, labels: np.ndarray, classes: int) -> dict[
     return {"means": means.astype(np.float32), "whitening": whitening.astype(np.float32)}
 
 
+def embedding_width(model) -> int | None:
+    """A backbone's embedding is its last pooled feature map (the last of --feature-layers, by default the
+    backbone's own output): the last this many columns of the pooled features. None for cnn and mlp."""
+    names = [layer.name for layer in model.layers]
+    if "pool" not in names:
+        return None
+    taps = sorted((name for name in names if name.startswith("pool_")), key=lambda name: int(name[5:]))
+    return int(model.get_layer(taps[-1] if taps else "pool").output.shape[-1])
+
+
 class Embedder:
-    """A run's model as probabilities plus the embedding the check compares: the input of the head's last
-    Dense layer, what the classifier itself sees (a backbone's pooled features when the head has no hidden
-    layers). Backbone features come from features.py; a model trained from scratch runs up to its head."""
+    """A run's model as probabilities plus the embedding the check compares. For a backbone, its last
+    pooled feature map (see embedding_width; features from features.py): what the backbone makes of the
+    photo, whatever the head does with it. For cnn and mlp, the input of the head's last Dense layer."""
 
     def __init__(self, model, features=None) -> None:
         from .tf_env import import_keras
 
         keras = import_keras()
         head = model.get_layer("head")
-        self.head = keras.Model(head.input, [head.output, head.get_layer("predictions").input])
+        self.width = embedding_width(model) if features is not None else None
+        self.head = (
+            head
+            if self.width
+            else keras.Model(head.input, [head.output, head.get_layer("predictions").input])
+        )
         self.front = (
             None if features is not None else keras.Model(model.input, model.get_layer("flatten").output)
         )
         self.features = features
 
     def of_features(self, features: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-        parts = [self.head(np.asarray(features[start : start + batch_size], np.float32), training=False)
+        features = np.asarray(features, np.float32)
+        if self.width:
+            parts = [np.asarray(self.head(features[start : start + batch_size], training=False))
+                     for start in range(0, len(features), batch_size)]  # fmt: skip
+            probabilities = np.concatenate(parts) if parts else np.zeros((0, self.head.output.shape[-1]))
+            return probabilities, features[:, -self.width :]
+        parts = [self.head(features[start : start + batch_size], training=False)
                  for start in range(0, len(features), batch_size)]  # fmt: skip
         if not parts:
             return np.zeros((0, self.head.output[0].shape[-1])), np.zeros((0, self.head.output[1].shape[-1]))

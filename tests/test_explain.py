@@ -29,9 +29,14 @@ def test_heatmaps_of_a_cnn_are_unit_maps_of_the_photo(cnn_run):
     assert not np.array_equal(shown, images[0])
 
 
+def unit(maps: np.ndarray) -> np.ndarray:
+    return maps / np.maximum(maps.reshape(len(maps), -1).max(axis=1), 1e-12)[:, None, None]
+
+
 def test_a_backbone_heatmap_is_the_class_activation_map_of_its_linear_head(animals_run):
-    """With a head of one Dense layer on averaged maps, Grad-CAM's channel weights are that layer's weights
-    over H x W, so the heatmap is Zhou et al.'s CAM, relu(maps . W[:, class]): computed here without gradients.
+    """With a linear head on averaged maps (Standardize and one Dense layer), Grad-CAM's channel weights are
+    the head's weights over H x W, so each depth's heatmap is Zhou et al.'s CAM, relu(maps . W[:, class]):
+    computed here without gradients, one per pooled depth, normalized and averaged as explain.py documents.
     (That the heat lands on the animal is measured at 224 px in docs/trust.md; at this test's 96 px the last
     map is 3 x 3.)"""
     import tensorflow as tf
@@ -42,20 +47,26 @@ def test_a_backbone_heatmap_is_the_class_activation_map_of_its_linear_head(anima
     run = RunFolder.find(animals_run.workspace, animals_run.run)
     images = np.asarray(run.dataset().arrays("test")[0][:4])
     model = load_model(run.model_path)
-    maps = (
-        import_keras()
-        .Model(model.input, model.get_layer("pool").input)
-        .predict(images.astype(np.float32), verbose=0)
-    )
-    dense = model.get_layer("head").get_layer("predictions")
-    kernel = np.asarray(dense.kernel)
-    chosen = (maps.mean(axis=(1, 2)) @ kernel + np.asarray(dense.bias)).argmax(axis=1)
-    cam = np.maximum(np.einsum("nhwk,kn->nhw", maps, kernel[:, chosen]), 0)[..., None]
-    cam = tf.image.resize(cam, images.shape[1:3], method="bilinear").numpy()[..., 0]
-    cam /= cam.reshape(len(cam), -1).max(axis=1)[:, None, None]
+    names = [layer.name for layer in model.layers]
+    taps = sorted((name for name in names if name.startswith("pool_")), key=lambda n: int(n[5:])) or ["pool"]
+    maps = import_keras().Model(model.input, [model.get_layer(name).input for name in taps])
+    maps = maps.predict(images.astype(np.float32), verbose=0)
+    maps = maps if isinstance(maps, list) else [maps]
+    head = model.get_layer("head")
+    kernel = np.asarray(head.get_layer("predictions").kernel)
+    if "standardize" in [layer.name for layer in head.layers]:
+        kernel = kernel * np.asarray(head.get_layer("standardize").inverse_std)[:, None]
+    chosen = model.predict(images.astype(np.float32), verbose=0).argmax(axis=1)
+    combined, start = np.zeros(images.shape[:3]), 0
+    for depth in maps:
+        weights = kernel[start : start + depth.shape[-1]][:, chosen]
+        start += depth.shape[-1]
+        cam = np.maximum(np.einsum("nhwk,kn->nhw", depth, weights), 0)[..., None]
+        combined += unit(tf.image.resize(cam, images.shape[1:3], method="bilinear").numpy()[..., 0])
+    assert start == kernel.shape[0]
     heatmaps = gradcam(model, images)
     assert heatmaps.shape == images.shape[:3]
-    np.testing.assert_allclose(heatmaps, cam, atol=1e-4)
+    np.testing.assert_allclose(heatmaps, unit(combined / len(maps)), atol=1e-4)
 
 
 def test_a_model_without_convolutions_cannot_be_explained():
