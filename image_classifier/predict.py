@@ -6,6 +6,10 @@ model would accept the photo at any size, but its own TensorFlow resize is not t
 training arrays were made with; resizing here first keeps predictions identical to the test-set
 evaluation, lets a folder go through the model in equal-sized batches, and makes the model's resize
 layer an exact no-op. A file that cannot be used is reported with its reason and the rest go on.
+
+A run with a "none of these" check (openset.py) also judges whether each photo belongs to any category:
+`known` False marks it unknown while `top` still names the closest categories; a run trained before the check
+says so once and gives `known` None. `--explain DIR` writes a Grad-CAM heatmap per photo (explain.py).
 """
 
 from __future__ import annotations
