@@ -81,8 +81,21 @@ class Standardize(keras.layers.Layer):
 
     Features pooled at several depths of a backbone differ in scale by an order of magnitude; standardized,
     each depth counts alike. (Keras's Normalization layer, once adapted, did not survive model.save and
-    load_model here: the loaded model predicted differently.)
+    load_model here: the loaded model predicted differently.) `groups` are the widths of those depths.
     """
+
+    PRIOR = 30
+    """Photos' worth of weight the spread of a feature's whole group gets beside its own measured spread.
+    A per-feature spread measured on a dozen photos is mostly noise, and dividing by a tiny one blows that
+    feature up: 5 photos per category scored 88.0% against 94.2% with this prior (cats/dogs features, three
+    draws). With thousands of photos the prior changes the spread by about 1%."""
+
+    def __init__(self, groups: tuple[int, ...] | list[int] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.groups = tuple(int(width) for width in groups) if groups else None
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "groups": list(self.groups) if self.groups else None}
 
     def build(self, input_shape):
         width = int(input_shape[-1])
@@ -95,11 +108,17 @@ class Standardize(keras.layers.Layer):
         return (ops.cast(inputs, "float32") - self.mean) * self.inverse_std
 
     def set_statistics(self, features) -> None:
-        """Measure the mean and spread of `features` (N x width); near-constant features are left unscaled."""
+        """Measure the mean and spread of `features` (N x width), each spread drawn towards its group's
+        (see PRIOR); near-constant features are left unscaled."""
         import numpy as np
 
         values = np.asarray(features, dtype=np.float64)
-        std = values.std(axis=0)
+        variance = values.var(axis=0)
+        bounds = np.cumsum([0, *(self.groups or (values.shape[1],))])
+        group = np.concatenate(
+            [np.full(b - a, variance[a:b].mean()) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        )
+        std = np.sqrt((len(values) * variance + self.PRIOR * group) / (len(values) + self.PRIOR))
         self.mean.assign(values.mean(axis=0).astype("float32"))
         self.inverse_std.assign(np.where(std > 1e-6, 1.0 / np.maximum(std, 1e-6), 1.0).astype("float32"))
 

@@ -73,15 +73,18 @@ def per_model_text(attribute: str) -> str:
         if spec.pretrained:
             continue
         by_value.setdefault(shown(getattr(spec, attribute)), []).append(spec.name)
+    others = {shown(getattr(spec, attribute)) for spec in backbones if spec.name != DEFAULT_MODEL}
     if len(backbone_values) == 1:
         by_value.setdefault(backbone_values.pop(), []).insert(0, "backbones")
     else:
         value = shown(getattr(REGISTRY[DEFAULT_MODEL], attribute))
         by_value.setdefault(value, []).append(DEFAULT_MODEL)
+        if len(others) == 1:
+            by_value.setdefault(others.pop(), []).append("the other backbones")
     if len(by_value) == 1:
         return next(iter(by_value))
     text = ", ".join(f"{value} for {' and '.join(names)}" for value, names in by_value.items())
-    return text if len(backbone_values) <= 1 else f"{text}; each other backbone has its own"
+    return text if len(backbone_values) <= 1 or not others else f"{text}; each other backbone has its own"
 
 
 def help_text(item: dataclasses.Field, declaration: Declaration) -> str:

@@ -37,7 +37,7 @@ def test_head_on_engine_features_is_the_whole_model_and_a_second_run_reuses_them
         used["computed"]
         == 2 * counts["train"]["total"] + counts["validation"]["total"] + counts["test"]["total"]
     )
-    assert used["reused"] == 0
+    # each photo's features computed once; the "none of these" check and calibration read them back from the cache
 
     model = load_model(first.model_path)
     dataset = first.dataset()
@@ -56,7 +56,7 @@ def test_head_on_engine_features_is_the_whole_model_and_a_second_run_reuses_them
 
     second = RunFolder(train(TrainConfig(**common, dropout=0.4), workspace, print_fn=quiet))
     assert second.metrics["features"]["computed"] == 0
-    assert second.metrics["features"]["reused"] == used["computed"]
+    assert second.metrics["features"]["reused"] == used["computed"] + used["reused"]
 
 
 def test_a_changed_photo_recomputes_its_row_and_a_damaged_cache_is_recomputed(tmp_path, keras_home):

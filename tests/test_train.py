@@ -126,7 +126,8 @@ def test_transfer_learning_with_every_option(images, tmp_path, keras_home):
     assert len(pickle.loads((run / "history.pickle").read_bytes())["loss"]) == 4
     text = "\n".join(lines)
     assert "Phase 2: fine-tuning the top 10 backbone layers" in text
-    assert "computing" not in text, "augmentation trains on images, not cached features"
+    assert "Phase 1: training the head on the frozen backbone" in text, "augmentation trains on the images"
+    assert "on cached features" not in text
     options = json.loads((run / "config.json").read_text())["options"]
     assert options["fine_tune_learning_rate"] == pytest.approx(0.001)
     assert options["resize"] == "pad" and options["augment"] is True
@@ -144,12 +145,16 @@ def test_cached_features_and_weights_from_a_file(images, tmp_path):
         image_size=96,
         epochs=25,
         weights=str(weights),
+        quality="best",
+        fine_tune_epochs=1,
         workers=1,
     )
     run = train(
         config, Workspace(tmp_path / "ws"), print_fn=lambda *parts: lines.append(" ".join(map(str, parts)))
     )
-    assert "Phase 1: computing mobilenet_v2 features once for 54 images" in "\n".join(lines)
+    text = "\n".join(lines)
+    assert "Phase 1: computing mobilenet_v2 features once for 54 images" in text
+    assert "photos randomly augmented" in text, "--quality best augments the fine-tuning phase only"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test_accuracy"] >= 5 / 6
     assert json.loads((run / "config.json").read_text())["options"]["weights"] == str(weights)
@@ -167,6 +172,7 @@ def workspace_with_history(images, tmp_path) -> Path:
 
 
 BAD_INPUTS = [
+    (["--categories", "red,blue", "--model", "cnn", "--quality", "best"], "preset for pretrained backbones"),
     (["--categories", "red"], "at least 2 categories"),
     (["--categories", "red,../blue"], "bad category name: '../blue' starts with a dot"),
     (["--categories", "red,a/b"], "which a folder name cannot"),
@@ -385,3 +391,12 @@ def test_a_tiny_folder_still_trains_the_head_to_convergence(tmp_path, keras_home
     chance = np.log(2)  # the loss of a 2-category head that has learned nothing
     assert len(history["loss"]) == 3, "--epochs keeps its meaning"
     assert history["loss"][-1] < chance / 10 and history["accuracy"][-1] == 1.0
+
+
+def test_quality_presets_fill_only_the_options_left_unset():
+    common = {"categories": ("a", "b"), "images_dir": Path("images")}
+    assert TrainConfig(**common).resolve().fine_tune_epochs == 0
+    assert TrainConfig(quality="best", **common).resolve().fine_tune_epochs == 5
+    assert TrainConfig(quality="best", fine_tune_epochs=1, **common).resolve().fine_tune_epochs == 1
+    assert TrainConfig(quality="fast", **common).resolve().image_size == 160
+    assert TrainConfig(quality="fast", image_size=96, **common).resolve().image_size == 96

@@ -113,3 +113,47 @@ class EpochTimer(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs["seconds"] = time.monotonic() - self._started  # TensorBoard shows it as epoch_seconds
+
+
+class TimeLeft(keras.callbacks.Callback):
+    """Says how long a slow phase will take: an estimate from its first batches, then the time left after
+    each epoch. Quiet for phases under a minute (the head on cached features)."""
+
+    WARM_UP_BATCHES = 3
+
+    def __init__(
+        self, print_fn, steps_per_epoch: int, first_epoch: int, last_epoch: int, min_seconds: float = 60
+    ):
+        super().__init__()
+        self.print_fn, self.steps, self.min_seconds = print_fn, steps_per_epoch, min_seconds
+        self.first_epoch, self.last_epoch = first_epoch, last_epoch
+        self._batch_started: float | None = None
+        self._phase_started = time.monotonic()
+        self._estimated = False
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch == self.WARM_UP_BATCHES:
+            self._batch_started = time.monotonic()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._estimated or self._batch_started is None or batch < 2 * self.WARM_UP_BATCHES:
+            return
+        self._estimated = True
+        per_batch = (time.monotonic() - self._batch_started) / (batch + 1 - self.WARM_UP_BATCHES)
+        total = per_batch * self.steps * (self.last_epoch - self.first_epoch)
+        if total >= self.min_seconds:
+            self.print_fn(
+                f"This phase will take about {_duration(total)} ({self.last_epoch - self.first_epoch} epochs of "
+                f"{self.steps} steps at {per_batch:.2f} s a step; early stopping may end it sooner)"
+            )
+
+    def on_epoch_end(self, epoch, logs=None):
+        done = epoch + 1 - self.first_epoch
+        elapsed = time.monotonic() - self._phase_started
+        left = elapsed / max(done, 1) * (self.last_epoch - epoch - 1)
+        if elapsed + left >= self.min_seconds and epoch + 1 < self.last_epoch:
+            self.print_fn(f"Epoch {epoch + 1} of {self.last_epoch} done: about {_duration(left)} left")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"

@@ -29,6 +29,12 @@ OPTIMIZERS = ("adam", "rmsprop", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
 CLASS_WEIGHTS = ("none", "auto")
 RESUME_KEEPS = frozenset({"workers"})
+QUALITIES: dict[str, dict] = {
+    "fast": {"image_size": 160},
+    "balanced": {},
+    "best": {"fine_tune_epochs": 5},
+}
+"""--quality presets: values for options left unset (typed options win). See docs/benchmarks-trashnet.md."""
 """Options a resumed run may take from the new command line; every other one is the run's own."""
 
 
@@ -96,7 +102,9 @@ class TrainConfig:
         ),
         1,
     )
-    l2: float = declared(_option("L2 weight penalty on the dense and conv layers", "model", type=float), 0.0)
+    l2: float | None = declared(
+        _option("L2 weight penalty on the dense and conv layers", "model", type=float, per_model="l2"), None
+    )
     epochs: int | None = declared(
         _option(
             "most epochs of the first phase; early stopping may end sooner",
@@ -191,6 +199,16 @@ class TrainConfig:
         ),
         "none",
     )
+    quality: str = declared(
+        _option(
+            "a preset for pretrained backbones: fast trains on smaller images (160 px, about half the backbone "
+            "time), balanced is the defaults, best adds 5 epochs of fine-tuning the top backbone layers with "
+            "augmentation (kept only when it lowers the validation loss; minutes to hours on a CPU, estimated "
+            "before it starts); options you type win over the preset",
+            choices=tuple(QUALITIES),
+        ),
+        "balanced",
+    )
     engine: str | None = declared(
         _option(
             "what runs the frozen backbone when its features are computed once (LiteRT and ONNX Runtime are "
@@ -203,8 +221,17 @@ class TrainConfig:
     workers: int = declared(WORKERS, 0, compare=False)
 
     def resolve(self) -> TrainConfig:
-        """Fill model-dependent defaults and check the combination before any slow work."""
+        """Fill the --quality preset and model-dependent defaults; check the combination before slow work."""
         spec = get_spec(self.model)
+        if self.quality not in QUALITIES:
+            raise UserError(f"unknown --quality {self.quality!r}; choose from {', '.join(QUALITIES)}")
+        if self.quality != "balanced" and not spec.pretrained:
+            raise UserError(
+                f"--quality {self.quality} is a preset for pretrained backbones; {spec.name} has none "
+                "(leave out --quality, or use a backbone such as mobilenet_v2)"
+            )
+        preset = {key: value for key, value in QUALITIES[self.quality].items() if getattr(self, key) is None}
+        self = replace(self, **preset)
         filled = {
             item.name: getattr(spec, item.metadata["declaration"].per_model)
             for item in fields(self)
@@ -259,6 +286,10 @@ class TrainConfig:
         return get_spec(self.model)
 
     @property
+    def augments_fine_tuning(self) -> bool:
+        return self.augment or self.quality == "best"
+
+    @property
     def fine_tunes(self) -> bool:
         return bool(self.spec.pretrained and self.fine_tune_layers and self.fine_tune_epochs)
 
@@ -273,6 +304,7 @@ class TrainConfig:
         values.setdefault("lr_schedule", "constant")  # runs made before these options existed
         values.setdefault("batch_norm", False)
         values.setdefault("feature_layers", ("final",))
+        values.setdefault("l2", 0.0)
         return cls(**values).resolve()
 
     def preprocess_options(self) -> PreprocessOptions:

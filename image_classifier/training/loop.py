@@ -187,12 +187,13 @@ class Trainer:
         weights = compute_class_weight("balanced", classes=classes, y=self.y_train)
         return {index: float(weight) for index, weight in enumerate(weights)}
 
-    def image_sources(self) -> tuple[object, object]:
+    def image_sources(self, augment: bool | None = None) -> tuple[object, object]:
         """Training batches (shuffled, augmented when asked) and validation batches of the photos."""
         from ..pipeline import batch_source, make_augmenter
 
         config = self.config
-        augmenter = make_augmenter(config.seed) if config.augment else None
+        augment = config.augment if augment is None else augment
+        augmenter = make_augmenter(config.seed) if augment else None
         x_train, y_train = self.dataset.arrays("train")
         x_validation, y_validation = self.dataset.arrays("validation")
         return (
@@ -313,7 +314,9 @@ class Trainer:
                 validation_data=distribution.dataset(inputs.validation_source, per_replica),
                 validation_steps=distribution.steps(len(self.y_validation), per_replica),
                 shuffle=False,  # the tf.data pipeline reshuffles every epoch itself
-                callbacks=self._callbacks(early_stopping, stop),
+                callbacks=self._callbacks(
+                    early_stopping, stop, self._time_left(count, first_epoch, last_epoch)
+                ),
                 verbose=2,
             )
         if stop.requested:
@@ -345,7 +348,13 @@ class Trainer:
             return None
         return ResumableEarlyStopping(self.config.early_stopping, self.state.early_stopping)
 
-    def _callbacks(self, early_stopping, stop) -> list:
+    def _time_left(self, count: int, first_epoch: int, last_epoch: int):
+        from .callbacks import TimeLeft
+
+        steps = self.distribution.batches(count, self.config.batch_size)
+        return TimeLeft(self.print_fn, steps, max(first_epoch, self.state.epochs_done), last_epoch)
+
+    def _callbacks(self, early_stopping, stop, time_left=None) -> list:
         """The run's callbacks, in the order they must run at each epoch's end."""
         from ..tf_env import import_keras
         from .callbacks import EpochBackup, EpochTimer
@@ -353,6 +362,7 @@ class Trainer:
         tensorboard = [import_keras().callbacks.TensorBoard(log_dir=str(self.run.logs))]
         return [
             EpochTimer(),  # first, so the seconds it adds to the logs reach TensorBoard and the history
+            *([time_left] if time_left else []),
             *(tensorboard if self.distribution.is_chief else []),
             self.checkpoint,
             *([early_stopping] if early_stopping else []),

@@ -134,11 +134,12 @@ class FineTune(Phase):
 
         config = trainer.config
         unfrozen = unfreeze_top(trainer.built, config.fine_tune_layers)
-        train, validation = trainer.image_sources()
+        train, validation = trainer.image_sources(augment=config.augments_fine_tuning)
+        augmented = ", photos randomly augmented" if config.augments_fine_tuning else ""
         return PhaseInputs(
             f"Phase 2: fine-tuning the top {config.fine_tune_layers} backbone layers ({unfrozen} with weights, "
-            f"BatchNorm frozen) at learning rate {config.fine_tune_learning_rate:g} ({config.lr_schedule}) for up "
-            f"to {config.fine_tune_epochs} epochs",
+            f"BatchNorm frozen{augmented}) at learning rate {config.fine_tune_learning_rate:g} ({config.lr_schedule}) "
+            f"for up to {config.fine_tune_epochs} epochs; the model kept is the best on validation of both phases",
             trainer.built.model,
             config.fine_tune_learning_rate,
             train,
