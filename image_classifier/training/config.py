@@ -273,6 +273,8 @@ class TrainConfig:
             )
         if self.l2 < 0:
             raise UserError(f"--l2 must be 0 or more, got {self.l2}")
+        if not 0 < self.known_rate <= 1:
+            raise UserError(f"--known-rate must be above 0 and at most 1, got {self.known_rate}")
         if self.fine_tune_epochs and self.fine_tune_layers and not spec.pretrained:
             raise UserError(
                 f"{spec.name} has no pretrained backbone to fine-tune; drop --fine-tune-* options"
