@@ -28,6 +28,8 @@ RUN_FILES = {
     "confusion_matrix.png",
     "training_log.csv",
     "test_predictions.csv",
+    "openset.npz",
+    "reliability.png",
     "logs",
 }
 """Everything a finished run folder holds (backup/ is gone once the run is complete)."""
