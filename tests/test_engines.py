@@ -82,7 +82,10 @@ def test_converted_engine_gives_keras_features_and_is_cached(features, photos, r
     seen: list[int] = []
     got = first.run(photos, batch_size=2, progress=seen.append)  # batches 2, 2 and a last one of 1
     assert seen == [2, 2, 1]
-    assert got.dtype == np.float32 and got.shape == reference.shape == (5, 1280)
+    assert got.dtype == np.float32 and got.shape == reference.shape == (
+        5,
+        192 + 576 + 960 + 1280,
+    )  # the default four depths
     assert np.abs(got - reference).max() < TOLERANCE
 
     stamp = first.path.stat().st_mtime_ns
