@@ -47,9 +47,9 @@ class Phase(ABC):
 MIN_HEAD_STEPS = 500
 """Optimizer steps the head on cached features gets at least, whatever the folder's size. 12 photos at
 batch size 32 are one step per epoch: 20 epochs left a head that had barely moved from its random start.
-Measured on cats/dogs features (bench/few_shot.py), 5 photos per category: 92.3% test accuracy with one
-pass per epoch, 94.2% with 500 steps, beside a logistic regression's 93.1%; sets of 50 and more photos per
-category already take that many steps and are unchanged."""
+bench/few_shot.py (cats/dogs, 3 seeded draws, the full test split): with 5 photos per category 92.9% test
+accuracy at one pass per epoch, 94.0% with 500 steps, a logistic regression on the same features 94.5%;
+with 10, 20 and 50 per category 94.0 -> 96.2%, 96.5 -> 97.3% and 96.7 -> 97.6%, within 1 point of it."""
 
 
 def head_passes(examples: int, batch_size: int, epochs: int) -> int:
