@@ -260,6 +260,15 @@ def targets(rows: list[Recipe], mode: str) -> list[str]:
     return out
 
 
+def later_sections(path: Path) -> str:
+    """What other benchmarks recorded in the file after this one's section: kept when it is rewritten."""
+    if not path.exists():
+        return ""
+    text = path.read_text(encoding="utf-8")
+    headings = [match.start() for match in re.finditer(r"^## ", text, re.MULTILINE)]
+    return "\n" + text[headings[1] :] if len(headings) > 1 else ""
+
+
 def document(rows: list[Recipe], mode: str, started: dt.datetime, finished: bool, order=RUN_ORDER) -> str:
     total = sum(recipe.result.get("seconds", 0) for recipe in rows)
     rel_images = "../shared/datasets/cats_and_dogs_small"
@@ -342,6 +351,7 @@ def main() -> None:
     args = parser.parse_args()
     mode_name = args.mode or "quick"
     args.output = args.output or OUTPUTS[mode_name]
+    later = later_sections(args.output)
     order = [int(n) for n in args.rows.split(",") if n.strip()]
     images_dir = args.images_dir.resolve()
     if not (images_dir / "train").is_dir():
@@ -373,8 +383,8 @@ def main() -> None:
                 flush=True,
             )
             args.output.parent.mkdir(parents=True, exist_ok=True)
-            args.output.write_text(document(rows, mode_name, started, finished=False, order=order))
-        args.output.write_text(document(rows, mode_name, started, finished=True, order=order))
+            args.output.write_text(document(rows, mode_name, started, False, order) + later)
+        args.output.write_text(document(rows, mode_name, started, True, order) + later)
     finally:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
