@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what the tests need, from nothing, then run the whole test suite.
 #
-#   ./run-tests.sh                 # everything (about 17 minutes on 2 CPU cores)
+#   ./run-tests.sh                 # everything (about 15 minutes on 2 CPU cores)
 #   ./run-tests.sh -m "not slow"   # skip the few slow tests (real photos, Docker build); extra args go to pytest
 #
 # System packages (Debian/Ubuntu, needs root or sudo, installed only when missing): graphviz for model
