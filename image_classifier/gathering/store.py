@@ -197,17 +197,7 @@ class ImageStore:
 
     def append_row(self, row: dict[str, Any]) -> None:
         """One whole line per write, flushed at once: an interrupted run leaves at most one broken last line."""
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=IMAGES_MANIFEST_FIELDS, lineterminator="\n")
-        new = not self.manifest.exists() or self.manifest.stat().st_size == 0
-        if new:
-            writer.writeheader()
-        elif self._needs_newline:
-            buffer.write("\n")
-        writer.writerow(row)
-        with open(self.manifest, "a", encoding="utf-8", newline="") as handle:
-            handle.write(buffer.getvalue())
-            handle.flush()
+        _append_csv_row(self.manifest, IMAGES_MANIFEST_FIELDS, row, self._needs_newline)
         self._needs_newline = False
 
 
@@ -256,16 +246,7 @@ class TriedUrls:
     def append(self, url: str, category: str, source: str, outcome: str, file: str, reason: str) -> None:
         row = {"url": url, "category": category, "source": source, "outcome": outcome, "file": file}
         row |= {"reason": reason, "time": datetime.now(UTC).isoformat(timespec="seconds")}
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=TRIED_FIELDS, lineterminator="\n")
-        if not self.path.exists() or self.path.stat().st_size == 0:
-            writer.writeheader()
-        elif self._needs_newline:
-            buffer.write("\n")
-        writer.writerow(row)
-        with open(self.path, "a", encoding="utf-8", newline="") as handle:
-            handle.write(buffer.getvalue())
-            handle.flush()
+        _append_csv_row(self.path, TRIED_FIELDS, row, self._needs_newline)
         self._needs_newline = False
         self.last[url] = row
 
@@ -315,6 +296,20 @@ def read_manifest(path: Path) -> list[dict[str, str]]:
             ]
     except (csv.Error, UnicodeDecodeError, OSError) as error:
         raise UserError(f"cannot read {path} ({error}); move it aside and run again to rebuild it") from None
+
+
+def _append_csv_row(path: Path, fieldnames, row: dict[str, Any], needs_newline: bool) -> None:
+    """One row appended in a single write (a header first into an empty file), so a crash never leaves half a row."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fieldnames, lineterminator="\n")
+    if not path.exists() or path.stat().st_size == 0:
+        writer.writeheader()
+    elif needs_newline:
+        buffer.write("\n")
+    writer.writerow(row)
+    with open(path, "a", encoding="utf-8", newline="") as handle:
+        handle.write(buffer.getvalue())
+        handle.flush()
 
 
 def _lacks_final_newline(path: Path) -> bool:
